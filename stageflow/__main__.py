@@ -1,0 +1,5 @@
+import sys
+
+from stageflow.cli import main
+
+sys.exit(main())

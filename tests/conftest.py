@@ -1,0 +1,81 @@
+"""Shared fixtures: a real tracking server per test session, a fresh model name per test."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+
+import mlflow
+import pytest
+
+from stageflow import processes, server
+
+# Keep test output readable and --json output clean, as the CLI does.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """A real ``mlflow server`` (Stageflow's embedded configuration) on a free port.
+
+    Tests share it for speed; each test works on its own model name and experiment.
+    """
+    home = tmp_path_factory.mktemp("stageflow-home")
+    info = server.start(port=processes.free_port(), home=home, tie_to_parent=True)
+    yield info
+    server.stop(home)
+
+
+@pytest.fixture
+def tracking_uri(tracking_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.uri)
+    mlflow.set_tracking_uri(tracking_server.uri)
+    mlflow.set_registry_uri(tracking_server.uri)
+    return tracking_server.uri
+
+
+@pytest.fixture
+def model_name(request):
+    """A registered-model name no other test uses."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
+    return f"{stem}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_run():
+    """A test that leaves an MLflow run active fails (and the run is closed)."""
+    yield
+    leaked = mlflow.active_run()
+    if leaked is not None:
+        mlflow.end_run()
+        pytest.fail(f"test left MLflow run {leaked.info.run_id} active")
+
+
+@pytest.fixture(scope="session")
+def wine_models(tracking_server):
+    """Two real trained versions (lr, rf on builtin:wine), trained once per session.
+
+    Tests that need versions of their own register these same models under their
+    own name (``register_versions``): real artifacts, no retraining per test.
+    """
+    from experiments.train import train
+
+    name = f"session-wine-{uuid.uuid4().hex[:6]}"
+    results = [
+        train("builtin:wine", "target", model_name=name, family=f, tracking_uri=tracking_server.uri)
+        for f in ("lr", "rf")
+    ]
+    client = mlflow.MlflowClient(tracking_server.uri)
+    return [client.get_model_version(name, r.version).source for r in results]
+
+
+@pytest.fixture
+def register_versions(tracking_uri, wine_models):
+    """``register_versions(name)`` → versions "1" (lr) and "2" (rf) of ``name``."""
+
+    def register(name: str) -> list[str]:
+        return [mlflow.register_model(source, name).version for source in wine_models]
+
+    return register

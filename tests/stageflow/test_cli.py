@@ -1,0 +1,232 @@
+"""The command line as users meet it: exit codes, one-line errors, --json on stdout."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from stageflow import processes
+
+
+def stageflow(*args, env=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "stageflow", *args],
+        capture_output=True,
+        text=True,
+        env=processes.venv_env(env or {}),
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(result, code: int, *fragments: str):
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("stageflow")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["train", "--target", "y"], "--data"),
+        (
+            ["train", "--data", "builtin:wine", "--target", "target", "--family", "svm"],
+            "invalid choice",
+        ),
+        (["promote", "--model", "m", "--version", "x", "--to", "Staging"], "not a whole number"),
+        (["promote", "--model", "m", "--version", "0", "--to", "Staging"], "at least 1"),
+        (["serve", "--model", "m", "--port", "70000"], "not a TCP port"),
+        (["tune"], "invalid choice"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(args, fragment):
+    assert_one_line_error(stageflow(*args), 2, fragment)
+
+
+def test_help_teaches_the_commands():
+    result = stageflow("--help")
+    assert result.returncode == 0
+    for command in (
+        "server",
+        "train",
+        "promote",
+        "rollback",
+        "status",
+        "history",
+        "serve",
+        "score",
+    ):
+        assert command in result.stdout
+    train_help = stageflow("train", "--help").stdout
+    assert "builtin:breast_cancer" in train_help
+    assert "--param KEY=VALUE" in train_help
+
+
+def test_an_unreachable_tracking_server_names_the_uri_and_the_fix():
+    port = processes.free_port()
+    uri = f"http://127.0.0.1:{port}"
+    for args in (
+        ["status", "--model", "m"],
+        ["train", "--data", "builtin:wine", "--target", "target"],
+        ["promote", "--model", "m", "--version", "1", "--to", "Staging"],
+    ):
+        result = stageflow(*args, "--tracking-uri", uri)
+        assert_one_line_error(result, 1, uri, "stageflow server start")
+    # The environment variable is honoured the same way.
+    result = stageflow("history", "--model", "m", env={"MLFLOW_TRACKING_URI": uri})
+    assert_one_line_error(result, 1, uri)
+
+
+@pytest.mark.slow
+class TestAgainstARealServer:
+    @pytest.fixture(autouse=True)
+    def _server(self, tracking_uri):
+        self.env = {"MLFLOW_TRACKING_URI": tracking_uri}
+
+    def run(self, *args):
+        return stageflow(*args, env=self.env)
+
+    def test_train_errors_are_usage_errors(self, tmp_path):
+        assert_one_line_error(
+            self.run("train", "--data", "builtin:wine", "--target", "nope"),
+            2,
+            "target column 'nope' is not in the data",
+            "alcohol",
+        )
+        assert_one_line_error(
+            self.run("train", "--data", str(tmp_path / "gone.csv"), "--target", "y"),
+            2,
+            "does not exist",
+        )
+        assert_one_line_error(
+            self.run("train", "--data", "builtin:nope", "--target", "y"), 2, "unknown built-in"
+        )
+        assert_one_line_error(
+            self.run("train", "--data", "builtin:wine", "--target", "target", "--param", "depth=3"),
+            2,
+            "unknown parameter(s) depth",
+        )
+
+    def test_train_json_is_one_object_on_stdout(self, model_name):
+        result = self.run(
+            "train",
+            "--data",
+            "builtin:diabetes",
+            "--target",
+            "target",
+            "--family",
+            "lr",
+            "--model-name",
+            model_name,
+            "--json",
+        )
+        assert result.returncode == 0, result.stderr
+        payload = json.loads(result.stdout)
+        assert {"run_id", "model_name", "version", "metrics"} <= set(payload)
+        assert payload["model_name"] == model_name
+        assert payload["version"] == "1"
+        assert payload["metrics"]["test_rmse"] > 0
+
+    def test_registry_commands_and_their_errors(self, register_versions, model_name):
+        register_versions(model_name)
+        assert_one_line_error(
+            self.run("promote", "--model", "absent-model", "--version", "1", "--to", "Staging"),
+            2,
+            "no registered model named 'absent-model'",
+        )
+        assert_one_line_error(
+            self.run("promote", "--model", model_name, "--version", "9", "--to", "Staging"),
+            2,
+            "has no version 9",
+        )
+        assert_one_line_error(
+            self.run("promote", "--model", model_name, "--version", "1", "--to", "Prod"),
+            2,
+            "unknown stage 'Prod'",
+        )
+        assert_one_line_error(
+            self.run("promote", "--model", model_name, "--version", "1", "--to", "Production"),
+            1,
+            "refused",
+            "promote it to Staging first",
+        )
+        assert_one_line_error(
+            self.run("rollback", "--model", model_name), 1, "no Production version"
+        )
+
+        staged = self.run(
+            "promote", "--model", model_name, "--version", "1", "--to", "Staging", "--json"
+        )
+        assert staged.returncode == 0, staged.stderr
+        assert json.loads(staged.stdout)["to_stage"] == "Staging"
+        shipped = self.run(
+            "promote",
+            "--model",
+            model_name,
+            "--version",
+            "1",
+            "--to",
+            "Production",
+            "--reason",
+            "ship it",
+        )
+        assert shipped.returncode == 0, shipped.stderr
+        assert "Staging → Production" in shipped.stdout
+
+        status = json.loads(self.run("status", "--model", model_name, "--json").stdout)
+        assert (status["production"], status["aliases"]["champion"]) == ("1", "1")
+        history = json.loads(self.run("history", "--model", model_name, "--json").stdout)
+        assert [e["to_stage"] for e in history["entries"]] == ["Staging", "Production"]
+        assert history["entries"][-1]["reason"] == "ship it"
+
+        human = self.run("status", "--model", model_name)
+        assert "Production: version 1" in human.stdout
+
+    def test_score_errors(self, tmp_path, register_versions, model_name):
+        register_versions(model_name)
+        good = tmp_path / "in.csv"
+        good.write_text("a\n1\n")
+        assert_one_line_error(
+            self.run(
+                "score",
+                "--model",
+                model_name,
+                "--input",
+                str(tmp_path / "x.csv"),
+                "--output",
+                str(tmp_path / "o.csv"),
+            ),
+            2,
+            "does not exist",
+        )
+        assert_one_line_error(
+            self.run(
+                "score",
+                "--model",
+                model_name,
+                "--input",
+                str(good),
+                "--output",
+                str(tmp_path / "o.json"),
+            ),
+            2,
+            ".csv or .parquet",
+        )
+        assert_one_line_error(
+            self.run(
+                "score",
+                "--model",
+                model_name,
+                "--input",
+                str(good),
+                "--output",
+                str(tmp_path / "o.csv"),
+            ),
+            1,
+            "has no Production version",
+        )
