@@ -1,0 +1,171 @@
+"""What every trained pipeline leaves in its run: metrics, plots, lineage, environment, model.
+
+``train`` uses this today; tuning refits its best trial through the same calls,
+so both kinds of run look alike in the MLflow UI and the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import pandas as pd
+import skops.io
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.models import infer_signature
+
+from experiments import evaluate
+from experiments.data import BUILTIN_PREFIX, Splits
+from stageflow.errors import StageflowError
+
+logger = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+TEST_SPLIT_ARTIFACT = "data/test.parquet"
+INPUT_EXAMPLE_ROWS = 5
+
+# Types a Stageflow pipeline may need beyond skops' defaults. Each model is
+# logged with exactly the subset its own pipeline needs (never blanket pickle);
+# anything outside this list means a new kind of pipeline and must be reviewed.
+ALLOWED_TRUSTED_TYPES = frozenset(
+    {
+        "builtins.object",
+        "numpy.dtype",
+        "sklearn.tree._tree.Tree",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+        "sklearn.compose._column_transformer.make_column_selector",
+    }
+)
+# Pinned in every model's requirements so a version can be rebuilt as it was trained.
+PINNED_PACKAGES = ("mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy", "pyarrow")
+
+
+def trusted_types(pipeline) -> list[str]:
+    """The exact skops types ``pipeline`` needs, refused if any is outside the allow-list."""
+    needed = sorted(skops.io.get_untrusted_types(data=skops.io.dumps(pipeline)))
+    unexpected = sorted(set(needed) - ALLOWED_TRUSTED_TYPES)
+    if unexpected:
+        raise StageflowError(
+            f"the pipeline needs types Stageflow does not trust: {', '.join(unexpected)}; "
+            "review them and add them to experiments.artifacts.ALLOWED_TRUSTED_TYPES"
+        )
+    return needed
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PINNED_PACKAGES + ("optuna", "stageflow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def pinned_requirements() -> list[str]:
+    versions = package_versions()
+    return [f"{name}=={versions[name]}" for name in PINNED_PACKAGES if name in versions]
+
+
+def git_commit() -> tuple[str | None, bool]:
+    """The commit of the working tree and whether it has uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=5,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    return commit, dirty
+
+
+def log_environment() -> None:
+    """Package versions (tags and a JSON artifact) and the git commit."""
+    versions = package_versions()
+    mlflow.set_tags({f"stageflow.package.{name}": v for name, v in versions.items()})
+    mlflow.log_dict(versions, "environment/packages.json")
+    commit, dirty = git_commit()
+    if commit:
+        mlflow.set_tags({"mlflow.source.git.commit": commit, "stageflow.git_dirty": str(dirty)})
+
+
+def log_lineage(splits: Splits, source: str, target: str) -> dict[str, str]:
+    """Each split as an MLflow dataset input (with its digest); the test split as an artifact.
+
+    The test split is what promotion compares champion and challenger on, so it is
+    kept with the run, not only described.
+    """
+    name = Path(source.removeprefix(BUILTIN_PREFIX)).stem
+    digests = {}
+    for context, (X, y) in splits.named().items():
+        frame = X.assign(**{target: y})
+        dataset = mlflow.data.from_pandas(
+            frame, source=_dataset_source(source), targets=target, name=f"{name}-{context}"
+        )
+        mlflow.log_input(dataset, context=context)
+        digests[context] = dataset.digest
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(TEST_SPLIT_ARTIFACT).name
+        splits.X_test.assign(**{target: splits.y_test}).to_parquet(path)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(TEST_SPLIT_ARTIFACT).parent))
+    return digests
+
+
+def _dataset_source(source: str):
+    """Where a split came from, in a form MLflow records: a file URI, or the built-in's loader."""
+    if source.startswith(BUILTIN_PREFIX):
+        loader = f"sklearn.datasets.load_{source.removeprefix(BUILTIN_PREFIX)}"
+        return CodeDatasetSource(tags={"loader": loader})
+    return Path(source).resolve().as_uri()
+
+
+def log_evaluation(pipeline, splits: Splits, task: str, seed: int) -> dict[str, float]:
+    """Metrics on every split (prefixes ``train_``, ``val_``, ``test_``) and test-split plots."""
+    prefixes = {"train": "train", "validation": "val", "test": "test"}
+    scores = {}
+    for context, (X, y) in splits.named().items():
+        for name, value in evaluate.score(pipeline, X, y, task).items():
+            scores[f"{prefixes[context]}_{name}"] = value
+    mlflow.log_metrics(scores)
+    for file_name, fig in evaluate.figures(
+        pipeline, splits.X_test, splits.y_test, task, seed
+    ).items():
+        mlflow.log_figure(fig, f"plots/{file_name}")
+        plt.close(fig)
+    return scores
+
+
+def log_pipeline(pipeline, X_train: pd.DataFrame, model_name: str):
+    """Log the fitted pipeline (skops, exact trusted types) and register a new version.
+
+    Returns:
+        MLflow's ``ModelInfo``; ``registered_model_version`` is the new version.
+    """
+    example = X_train.head(INPUT_EXAMPLE_ROWS)
+    # The schema comes from the whole training split, so optional (null-bearing) columns
+    # are known as such even when the few example rows have no gaps.
+    signature = infer_signature(X_train, pipeline.predict(example))
+    return mlflow.sklearn.log_model(
+        pipeline,
+        name=MODEL_ARTIFACT,
+        serialization_format="skops",
+        skops_trusted_types=trusted_types(pipeline),
+        signature=signature,
+        input_example=example,
+        pip_requirements=pinned_requirements(),
+        registered_model_name=model_name,
+    )

@@ -1,0 +1,22 @@
+"""The names users choose from -- data sets, tasks, model families -- with no heavy imports.
+
+The command line builds its ``--help`` from these, so they must import in
+milliseconds; the loaders and estimators they name live in ``data`` and ``families``.
+"""
+
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+TASKS = (CLASSIFICATION, REGRESSION)
+
+BUILTIN_PREFIX = "builtin:"
+# scikit-learn's bundled data sets (``sklearn.datasets.load_NAME``): no download, work offline.
+BUILTINS = ("breast_cancer", "diabetes", "digits", "iris", "wine")
+BUILTIN_TARGET = "target"
+
+LR, RF, HGB = "lr", "rf", "hgb"
+FAMILIES = (LR, RF, HGB)
+FAMILY_NAMES = {
+    LR: "logistic / linear regression",
+    RF: "random forest",
+    HGB: "histogram gradient boosting",
+}
