@@ -1,0 +1,40 @@
+"""The model registry as Stageflow users see it: stages mirrored by aliases, gates, a ledger.
+
+Public surface:
+    promote, rollback, status, history -- the four commands' functions;
+    current_version -- which version holds a stage (what serving asks);
+    stage and alias names.
+"""
+
+from registry._stages import (
+    ARCHIVED,
+    CHALLENGER,
+    CHAMPION,
+    NONE,
+    PRODUCTION,
+    STAGING,
+    current_version,
+)
+from registry._transition import Refused, TransitionResult
+from registry.ledger import Entry
+from registry.promote import promote
+from registry.rollback import rollback
+from registry.status import Status, history, status
+
+__all__ = [
+    "ARCHIVED",
+    "CHALLENGER",
+    "CHAMPION",
+    "NONE",
+    "PRODUCTION",
+    "STAGING",
+    "Entry",
+    "Refused",
+    "Status",
+    "TransitionResult",
+    "current_version",
+    "history",
+    "promote",
+    "rollback",
+    "status",
+]

@@ -1,0 +1,194 @@
+"""The ledger: every stage transition, kept as runs in MLflow so it lives with the server.
+
+MLflow keeps no history of stages (mlflow#2169). Each transition Stageflow makes
+is one run in the ``stageflow-ledger`` experiment, tagged with the model,
+version, from/to stage, actor and reason, and carrying the gate results as an
+artifact. The run is opened before the registry is touched and closed after:
+FINISHED means the transition happened; a refusal or failure closes it as
+FAILED; a run left RUNNING marks a transition that was interrupted.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus, RunTag
+
+LEDGER_EXPERIMENT = "stageflow-ledger"
+ACTOR_ENV = "STAGEFLOW_ACTOR"
+PROMOTE, ROLLBACK = "promote", "rollback"
+DONE, REFUSED, FAILED = "done", "refused", "failed"
+PENDING, INTERRUPTED = "pending", "interrupted"
+TAG = "stageflow."
+
+
+@dataclass
+class Entry:
+    """One transition as the ledger records it."""
+
+    model: str
+    version: str
+    from_stage: str
+    to_stage: str
+    action: str
+    actor: str
+    reason: str
+    outcome: str = DONE
+    time: float = 0.0  # seconds since the epoch, when the transition began
+    archived: list[str] = field(default_factory=list)
+    run_id: str = ""
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record["time"] = _iso(self.time)
+        return record
+
+
+def actor() -> str:
+    """Who is acting: ``STAGEFLOW_ACTOR`` if set, else ``user@host``."""
+    if explicit := os.environ.get(ACTOR_ENV):
+        return explicit
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _experiment_id(client: MlflowClient) -> str:
+    experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(LEDGER_EXPERIMENT, tags={"stageflow.kind": "ledger"})
+    except Exception:  # noqa: BLE001 - created meanwhile by another promoter
+        experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def begin(client: MlflowClient, entry: Entry) -> Entry:
+    """Open the ledger run for ``entry`` (status RUNNING) before the registry changes."""
+    entry.time = time.time()
+    entry.outcome = PENDING
+    run = client.create_run(
+        _experiment_id(client),
+        start_time=int(entry.time * 1000),
+        run_name=f"{entry.model} v{entry.version} → {entry.to_stage}",
+        tags=_tags(entry) | {f"{TAG}time_ns": str(time.time_ns())},
+    )
+    entry.run_id = run.info.run_id
+    return entry
+
+
+def finish(
+    client: MlflowClient, entry: Entry, outcome: str, evidence: dict | None = None, detail=""
+) -> Entry:
+    """Close the ledger run: FINISHED for a transition that happened, FAILED otherwise."""
+    entry.outcome = outcome
+    entry.detail = detail
+    client.log_batch(entry.run_id, tags=[RunTag(k, v) for k, v in _tags(entry).items()])
+    if evidence is not None:
+        client.log_dict(entry.run_id, evidence, "gates.json")
+    status = RunStatus.FINISHED if outcome == DONE else RunStatus.FAILED
+    client.set_terminated(entry.run_id, status=RunStatus.to_string(status))
+    return entry
+
+
+def entries(client: MlflowClient, model: str, include_all: bool = False) -> list[Entry]:
+    """The ledger of ``model``, oldest first: what happened (everything with ``include_all``)."""
+    experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
+    if experiment is None:
+        return []
+    quoted = model.replace("'", "\\'")
+    runs = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{TAG}model` = '{quoted}'",
+            max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    runs.sort(key=lambda r: (r.info.start_time, int(r.data.tags.get(f"{TAG}time_ns", 0))))
+    result = []
+    for run in runs:
+        entry = _from_run(run)
+        if include_all or entry.outcome == DONE:
+            result.append(entry)
+    return result
+
+
+def production_lineage(history: list[Entry]) -> list[str]:
+    """The stack of Production versions the ledger implies, current last.
+
+    A promotion pushes its version; a rollback pops the current one (and, when it
+    went to a version other than the one below, puts that version on top).
+    Rolling back twice therefore walks further back instead of toggling.
+    """
+    stack: list[str] = []
+    for entry in history:
+        if entry.to_stage != "Production" or entry.outcome != DONE:
+            continue
+        if entry.action == ROLLBACK and stack:
+            stack.pop()
+        if entry.version in stack:
+            stack.remove(entry.version)
+        stack.append(entry.version)
+    return stack
+
+
+def _tags(entry: Entry) -> dict[str, str]:
+    return {
+        f"{TAG}kind": "transition",
+        f"{TAG}model": entry.model,
+        f"{TAG}version": str(entry.version),
+        f"{TAG}from_stage": entry.from_stage,
+        f"{TAG}to_stage": entry.to_stage,
+        f"{TAG}action": entry.action,
+        f"{TAG}actor": entry.actor,
+        f"{TAG}reason": entry.reason[:4000],
+        f"{TAG}outcome": entry.outcome,
+        f"{TAG}archived": ",".join(entry.archived),
+        f"{TAG}detail": entry.detail[:4000],
+    }
+
+
+def _from_run(run) -> Entry:
+    tags = run.data.tags
+
+    def tag(name: str) -> str:
+        return tags.get(f"{TAG}{name}", "")
+
+    outcome = tag("outcome")
+    if run.info.status == "RUNNING":
+        outcome = INTERRUPTED
+    return Entry(
+        model=tag("model"),
+        version=tag("version"),
+        from_stage=tag("from_stage"),
+        to_stage=tag("to_stage"),
+        action=tag("action"),
+        actor=tag("actor"),
+        reason=tag("reason"),
+        outcome=outcome,
+        time=run.info.start_time / 1000,
+        archived=[v for v in tag("archived").split(",") if v],
+        run_id=run.info.run_id,
+        detail=tag("detail"),
+    )
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
