@@ -1,0 +1,274 @@
+"""``serve`` for real: tracking server, ``mlflow models serve`` per version, Caddy in front."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+
+from experiments import data
+from experiments.train import train
+from registry._stages import PRODUCTION, move
+from serving.controller import VERSION_HEADER, BackgroundServe, Controller
+from serving.frontdoor import FrontDoorTimings
+from stageflow import processes
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 90.0
+# A new version's server needs ~10 s to start on a 2-CPU laptop; more under load.
+SWITCH_TIMEOUT_S = 45.0
+WINE_CLASSES = {0, 1, 2}
+
+
+@pytest.fixture(scope="module")
+def wine_model(tracking_server):
+    """Two real versions of one model: 1 is logistic regression, 2 a random forest."""
+    name = f"serve-wine-{uuid.uuid4().hex[:6]}"
+    v1 = train("builtin:wine", "target", name, family="lr", tracking_uri=tracking_server.uri)
+    v2 = train("builtin:wine", "target", name, family="rf", tracking_uri=tracking_server.uri)
+    return name, v1.version, v2.version
+
+
+@pytest.fixture
+def client(tracking_uri):
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@pytest.fixture
+def wine_request():
+    features = data.load("builtin:wine").drop(columns=[data.BUILTIN_TARGET]).head(3)
+    return {"dataframe_split": features.to_dict(orient="split", index=False)}
+
+
+@pytest.fixture
+def start_serving(tracking_uri, tmp_path):
+    """Start ``serve`` on a background thread; every one started is stopped after the test."""
+    started: list[BackgroundServe] = []
+
+    def start(model_name: str, **kwargs) -> BackgroundServe:
+        running = BackgroundServe(
+            model_name,
+            processes.free_port(),
+            tracking_uri=tracking_uri,
+            home=tmp_path,
+            poll_interval=0.5,
+            **kwargs,
+        )
+        started.append(running.start())
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+class Load:
+    """A few keep-alive clients posting to the front door until stopped (bounded in time)."""
+
+    def __init__(self, url: str, body: dict, clients: int = 2, max_seconds: float = 120.0):
+        self.url, self.body = url + "/invocations", body
+        self.deadline = time.monotonic() + max_seconds
+        self.answers: list[tuple[int | str, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._post, daemon=True) for _ in range(clients)]
+
+    def _post(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set() and time.monotonic() < self.deadline:
+                try:
+                    answer = session.post(self.url, json=self.body, timeout=30)
+                    self.answers.append((answer.status_code, answer.headers.get(VERSION_HEADER)))
+                except requests.RequestException as exc:
+                    self.answers.append((repr(exc), None))
+                # Leave CPU for the model server that is starting beside us.
+                time.sleep(0.01)
+
+    @property
+    def failures(self) -> list[tuple[int | str, str | None]]:
+        return [answer for answer in self.answers if answer[0] != 200]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def predict(url: str, body: dict, timeout: float = 30.0) -> requests.Response:
+    return requests.post(url + "/invocations", json=body, timeout=timeout)
+
+
+def wait_for_version(url: str, body: dict, version: str, timeout: float) -> float:
+    """Seconds until the front door answers from ``version``."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        answer = predict(url, body)
+        if answer.status_code == 200 and answer.headers.get(VERSION_HEADER) == version:
+            return time.monotonic() - began
+        time.sleep(0.1)
+    pytest.fail(f"the front door did not serve version {version} within {timeout:.0f}s")
+
+
+def assert_nothing_left(pids: list[int], listening: list[tuple[str, int]]) -> None:
+    alive = [pid for pid in pids if processes.group_alive(pid)]
+    assert not alive, f"process groups still alive after stop: {alive}"
+    taken = [(host, port) for host, port in listening if processes.port_in_use(host, port)]
+    assert not taken, f"ports still listening after stop: {taken}"
+
+
+def test_serve_switches_on_promotion_and_rollback_without_dropping_requests(
+    wine_model, client, wine_request, start_serving
+):
+    name, v1, v2 = wine_model
+    move(client, name, v1, PRODUCTION)
+    running = start_serving(name)
+    assert running.wait_serving(timeout=START_TIMEOUT_S) == v1
+
+    answer = predict(running.url, wine_request)
+    assert answer.status_code == 200
+    assert answer.headers[VERSION_HEADER] == v1
+    predictions = answer.json()["predictions"]
+    assert len(predictions) == 3
+    assert set(predictions) <= WINE_CLASSES
+
+    controller: Controller = running.controller
+    with Load(running.url, wine_request) as load:
+        move(client, name, v2, PRODUCTION)
+        wait_for_version(running.url, wine_request, v2, SWITCH_TIMEOUT_S)
+        # The previous Production stays warm, unrouted, for a rollback.
+        processes.wait_until(lambda: controller.standby_version == v1, timeout=30)
+        move(client, name, v1, PRODUCTION)
+        rollback_seconds = wait_for_version(running.url, wine_request, v1, SWITCH_TIMEOUT_S)
+        time.sleep(0.5)  # a few more requests after the switch back
+
+    assert load.failures == [], f"{len(load.failures)} of {len(load.answers)} requests failed"
+    assert {version for _, version in load.answers} == {v1, v2}
+    assert controller.standby_version == v2
+
+    pids, listening = list(controller.started_pids), controller.listening
+    # Caddy, version 1 and version 2: the rollback reused version 1's warm server
+    # instead of starting a third (a cold start takes ~10 s here).
+    assert len(pids) == 3, f"rollback took {rollback_seconds:.1f}s and started a new server"
+    running.stop()
+    assert_nothing_left(pids, listening)
+
+
+def test_serve_waits_for_a_production_version_then_serves_it(
+    wine_model, client, wine_request, start_serving, caplog
+):
+    source_name, v1, _ = wine_model
+    name = f"serve-unpromoted-{uuid.uuid4().hex[:6]}"
+    version = client.copy_model_version(f"models:/{source_name}/{v1}", name).version
+    caplog.set_level(logging.INFO, logger="serving.controller")
+    waiting = f"no Production version of {name} yet; waiting"
+
+    # A request finds no healthy slot and waits try_duration before its 503; keep that short.
+    running = start_serving(name, timings=FrontDoorTimings(try_duration=1.0))
+    processes.wait_until(
+        lambda: any(waiting in message for message in caplog.messages),
+        timeout=30,
+        what="the waiting message",
+    )
+    answer = predict(running.url, wine_request)
+    assert answer.status_code == 503
+    assert answer.json()["error_code"] == "SERVICE_UNAVAILABLE"
+    assert VERSION_HEADER not in answer.headers
+    assert not running.controller.serving.is_set()
+
+    move(client, name, version, PRODUCTION)
+    assert running.wait_serving(timeout=START_TIMEOUT_S) == version
+    answer = predict(running.url, wine_request)
+    assert answer.status_code == 200
+    assert answer.headers[VERSION_HEADER] == version
+    assert sum(waiting in message for message in caplog.messages) == 1
+
+
+SERVE_SCRIPT = textwrap.dedent(
+    """
+    import logging, sys
+    from pathlib import Path
+    from serving.controller import serve
+
+    logging.basicConfig(level=logging.INFO)
+    serve(sys.argv[1], int(sys.argv[2]), tracking_uri=sys.argv[3], home=Path(sys.argv[4]),
+          poll_interval=0.5)
+    """
+)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(proc.name))
+    return found
+
+
+def test_sigterm_stops_the_front_door_and_every_model_server(
+    wine_model, client, wine_request, tracking_uri, tmp_path
+):
+    name, v1, _ = wine_model
+    move(client, name, v1, PRODUCTION)
+    port = processes.free_port()
+    log_path = tmp_path / "serve.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE_SCRIPT, name, str(port), tracking_uri, str(tmp_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    children: list[int] = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        processes.wait_until(
+            lambda: processes.port_in_use("127.0.0.1", port),
+            timeout=30,
+            proc=proc,
+            what="serve",
+            log_path=log_path,
+        )
+        wait_for_version(url, wine_request, v1, START_TIMEOUT_S)
+        children = children_of(proc.pid)
+        assert len(children) == 2, f"expected Caddy and one model server: {children}"
+        caddyfile = next((tmp_path / "serve").glob("*/Caddyfile")).read_text()
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, processes.tail(log_path)
+
+        assert "stopped serving" in log_path.read_text()
+        upstreams = caddyfile.split("reverse_proxy ", 1)[1].split(" {", 1)[0].split()
+        listening = [("127.0.0.1", port)] + [
+            (host, int(p)) for host, p in (u.split(":") for u in upstreams)
+        ]
+        assert_nothing_left(children, listening)
+    finally:
+        for pid in [proc.pid, *children]:
+            processes.stop_group(pid)
