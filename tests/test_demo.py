@@ -1,0 +1,51 @@
+"""`make demo` runs `stageflow demo`: the story completes, and it leaves nothing running."""
+
+import subprocess
+import sys
+
+import pytest
+
+from stageflow import processes
+from tests.helpers import processes_mentioning
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_demo_tells_the_whole_story_and_cleans_up(tmp_path):
+    home = tmp_path / "home"
+    tracking_port, serve_port = processes.free_port(), processes.free_port()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stageflow",
+            "demo",
+            "--port",
+            str(tracking_port),
+            "--serve-port",
+            str(serve_port),
+        ],
+        capture_output=True,
+        text=True,
+        env=processes.venv_env({"STAGEFLOW_HOME": str(home)}),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for step in (
+        "started mlflow server",
+        "version 1 (lr)",
+        "version 2 (hgb)",
+        "→ Production",
+        "→ X-Model-Version:",
+        "X-Model-Version is now",
+        "is Production again",
+        "rows in",
+        "rollback",
+        f"open http://127.0.0.1:{tracking_port} for the MLflow UI",
+    ):
+        assert step in out, f"{step!r} missing from the demo's output:\n{out}"
+    assert (home / "demo" / "batch-scored.csv").exists()
+    assert not processes.port_in_use("127.0.0.1", tracking_port)
+    assert not processes.port_in_use("127.0.0.1", serve_port)
+    assert processes_mentioning(str(home)) == []
