@@ -79,3 +79,31 @@ def register_versions(tracking_uri, wine_models):
         return [mlflow.register_model(source, name).version for source in wine_models]
 
     return register
+
+
+POSTGRES_ADMIN_DSN = os.environ.get(
+    "STAGEFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture
+def postgres_database():
+    """A fresh PostgreSQL database for one test, dropped after: its SQLAlchemy URI.
+
+    Uses the server at ``STAGEFLOW_TEST_POSTGRES`` (default: 127.0.0.1:5432, trust
+    auth). Skips, saying why, where that server does not answer.
+    """
+    import psycopg
+
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at {POSTGRES_ADMIN_DSN} is not reachable: {exc}".strip())
+    name = f"stageflow_test_{uuid.uuid4().hex[:10]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0]
+            yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
