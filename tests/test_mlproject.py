@@ -7,9 +7,27 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+import registry
 from stageflow import processes
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlflow_run(entry_point: str, tracking_uri: str, **params: str) -> None:
+    """``mlflow run . -e ENTRY --env-manager local -P k=v ...``, which must exit 0."""
+    args = [processes.bin_path("mlflow"), "run", str(ROOT), "-e", entry_point]
+    args += ["--env-manager", "local"]
+    for key, value in params.items():
+        args += ["-P", f"{key}={value}"]
+    result = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env=processes.venv_env({"MLFLOW_TRACKING_URI": tracking_uri}),
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_every_documented_entry_point_exists():
@@ -28,31 +46,14 @@ def test_every_documented_entry_point_exists():
 
 @pytest.mark.slow
 def test_mlflow_run_train_trains_and_registers_in_the_run_mlflow_created(tracking_uri, model_name):
-    result = subprocess.run(
-        [
-            processes.bin_path("mlflow"),
-            "run",
-            str(ROOT),
-            "-e",
-            "train",
-            "--env-manager",
-            "local",
-            "-P",
-            "data=builtin:iris",
-            "-P",
-            "target=target",
-            "-P",
-            f"model_name={model_name}",
-            "-P",
-            "family=lr",
-        ],
-        capture_output=True,
-        text=True,
-        env=processes.venv_env({"MLFLOW_TRACKING_URI": tracking_uri}),
-        timeout=300,
-        cwd=ROOT,
+    mlflow_run(
+        "train",
+        tracking_uri,
+        data="builtin:iris",
+        target="target",
+        model_name=model_name,
+        family="lr",
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     client = MlflowClient(tracking_uri)
     version = client.get_model_version(model_name, "1")
     run = client.get_run(version.run_id)
@@ -66,32 +67,10 @@ def test_mlflow_run_train_trains_and_registers_in_the_run_mlflow_created(trackin
 def test_mlflow_run_rollback_without_a_target_uses_the_ledger(
     tracking_uri, register_versions, model_name
 ):
-    import registry
-
     register_versions(model_name)
     for version in ("1", "2"):
         registry.promote(model_name, version, "Staging")
         registry.promote(model_name, version, "Production")
-    result = subprocess.run(
-        [
-            processes.bin_path("mlflow"),
-            "run",
-            str(ROOT),
-            "-e",
-            "rollback",
-            "--env-manager",
-            "local",
-            "-P",
-            f"model={model_name}",
-            "-P",
-            "reason=from mlflow run",
-        ],
-        capture_output=True,
-        text=True,
-        env=processes.venv_env({"MLFLOW_TRACKING_URI": tracking_uri}),
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    mlflow_run("rollback", tracking_uri, model=model_name, reason="from mlflow run")
     assert registry.status(model_name).production == "1"
     assert registry.history(model_name)[-1].reason == "from mlflow run"
