@@ -16,8 +16,8 @@ Two more settings keep a tracking call fast (``server_env``; BENCHMARKS.md,
   (scorer jobs, prompt optimisation, trace archival), and it costs a job runner
   and seven huey consumers, ~250 MB each, whose start-up takes tens of CPU
   seconds *after* ``/health`` already answers: on a two-core machine that made
-  the first half-minute of tracking calls several times slower. It also kept
-  the server from stopping within 10 s of SIGTERM.
+  the first half-minute of tracking calls several times slower. Its consumers
+  also take seconds to exit on SIGTERM.
 - SQLite runs with ``synchronous=NORMAL`` on every connection the server opens,
   through ``_sqlite_tuning/sitecustomize.py`` on the server's ``PYTHONPATH``:
   with WAL, a commit then no longer waits for an fsync.
