@@ -70,8 +70,12 @@ def serve(
     poll_interval: float = 1.0,
     home: Path | None = None,
     stop_event: threading.Event | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Serve ``model_name``'s Production version on ``http://127.0.0.1:port`` until stopped.
+
+    Caddy's Prometheus metrics are served on ``http://127.0.0.1:METRICS_PORT/metrics``
+    (a free port, logged at start, unless ``metrics_port`` names one).
 
     Blocks until SIGINT/SIGTERM (when called on the main thread) or until
     ``stop_event`` is set, then stops the front door and every model server.
@@ -84,7 +88,9 @@ def serve(
         UsageError: the port is already taken.
         StageflowError: the front door could not start or died while serving.
     """
-    Controller(model_name, port, tracking_uri, poll_interval, home).run(stop_event)
+    Controller(model_name, port, tracking_uri, poll_interval, home, metrics_port=metrics_port).run(
+        stop_event
+    )
 
 
 class Controller:
@@ -99,6 +105,7 @@ class Controller:
         home: Path | None = None,
         timings: FrontDoorTimings = FrontDoorTimings(),  # noqa: B008 - frozen
         policy: SwitchPolicy = SwitchPolicy(),  # noqa: B008 - frozen
+        metrics_port: int | None = None,
     ):
         self.model_name = model_name
         self.port = port
@@ -107,6 +114,7 @@ class Controller:
         self.directory = (home or tracking.home()) / "serve" / f"{_file_safe(model_name)}-{port}"
         self.timings = timings
         self.policy = policy
+        self.metrics_port = metrics_port
         self.slots: list[Slot] = []
         self.front_door: FrontDoor | None = None
         self.started_pids: list[int] = []
@@ -132,6 +140,8 @@ class Controller:
     def listening(self) -> list[tuple[str, int]]:
         """Every (address, port) this controller or its children listen on while serving."""
         found = [("127.0.0.1", self.port)]
+        if self.front_door is not None and self.front_door.metrics_port:
+            found.append(("127.0.0.1", self.front_door.metrics_port))
         found += [(slot.address, slot.port) for slot in self.slots]
         if self._health is not None:
             found += [(slot.address, self._health.port) for slot in self.slots]
@@ -169,18 +179,24 @@ class Controller:
         self._health = HealthServer(self.slots, health_port)
         self._health.start()
         self.front_door = FrontDoor(
-            self.port, self.slots, health_port, self.directory, self.timings
+            self.port,
+            self.slots,
+            health_port,
+            self.directory,
+            self.timings,
+            metrics_port=self.metrics_port or processes.free_port(),
         )
         proc = self.front_door.start()
         self.started_pids.append(proc.pid)
         logger.info(
             "front door for %s listening on %s (Caddy pid %d; slots %s; health port %d; "
-            "config and logs in %s)",
+            "metrics %s; config and logs in %s)",
             self.model_name,
             self.url,
             proc.pid,
             ", ".join(f"{s.address}:{s.port}" for s in self.slots),
             health_port,
+            self.front_door.metrics_url,
             self.directory,
         )
 

@@ -54,6 +54,27 @@ class FrontDoorTimings:
     grace_period: float = 5.0
 
 
+@dataclass(frozen=True)
+class FrontDoorLimits:
+    """What a client may send: bounded body size and time, so one client cannot pin a worker.
+
+    Attributes:
+        max_body_bytes: larger request bodies are answered 413 before a model sees them whole.
+        read_header: time allowed to send the request line and headers.
+        read_body: time allowed to send the body.
+        idle: how long an idle keep-alive client connection stays open.
+    """
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    read_header: float = 10.0
+    read_body: float = 30.0
+    idle: float = 120.0
+
+
+_TOO_LARGE_BODY = (
+    '{"error_code": "REQUEST_TOO_LARGE", "message": "request body over the front door\'s '
+    'limit of {limit} bytes; send fewer rows per request"}'
+)
 # What a client gets when no slot is healthy (nothing promoted yet, or the
 # serving version crashed): JSON in the shape of MLflow's own errors.
 _UNAVAILABLE_BODY = (
@@ -67,15 +88,36 @@ def render_caddyfile(
     slots: list[Slot],
     health_port: int,
     timings: FrontDoorTimings = FrontDoorTimings(),  # noqa: B008 - frozen, so safe to share
+    limits: FrontDoorLimits = FrontDoorLimits(),  # noqa: B008 - frozen
+    metrics_port: int | None = None,
 ) -> str:
-    """The whole, fixed front-door configuration."""
+    """The whole, fixed front-door configuration.
+
+    With ``metrics_port``, Caddy's Prometheus metrics (requests, durations and
+    status codes; each upstream's health) are served at
+    ``http://127.0.0.1:METRICS_PORT/metrics``.
+    """
     upstreams = " ".join(f"{slot.address}:{slot.port}" for slot in slots)
+    too_large = _TOO_LARGE_BODY.replace("{limit}", str(limits.max_body_bytes))
+    metrics = (
+        f"\nhttp://:{metrics_port} {{\n\tbind {HOST}\n\tmetrics /metrics\n}}\n"
+        if metrics_port
+        else ""
+    )
     return f"""\
 {{
 	admin off
 	auto_https off
 	persist_config off
 	grace_period {_ms(timings.grace_period)}
+	metrics
+	servers {{
+		timeouts {{
+			read_header {_ms(limits.read_header)}
+			read_body {_ms(limits.read_body)}
+			idle {_ms(limits.idle)}
+		}}
+	}}
 	log {{
 		output stderr
 		# One line per probe of every unrouted slot, several a second; the
@@ -86,6 +128,9 @@ def render_caddyfile(
 
 http://:{port} {{
 	bind {HOST}
+	request_body {{
+		max_size {limits.max_body_bytes}
+	}}
 	reverse_proxy {upstreams} {{
 		lb_policy first
 		lb_try_duration {_ms(timings.try_duration)}
@@ -98,12 +143,16 @@ http://:{port} {{
 			keepalive {_ms(timings.upstream_keepalive)}
 		}}
 	}}
+	handle_errors 413 {{
+		header Content-Type application/json
+		respond `{too_large}` 413
+	}}
 	handle_errors {{
 		header Content-Type application/json
 		respond `{_UNAVAILABLE_BODY}` {{err.status_code}}
 	}}
 }}
-"""
+{metrics}"""
 
 
 def _ms(seconds: float) -> str:
@@ -120,8 +169,12 @@ class FrontDoor:
         health_port: int,
         directory: Path,
         timings: FrontDoorTimings = FrontDoorTimings(),  # noqa: B008 - frozen
+        limits: FrontDoorLimits = FrontDoorLimits(),  # noqa: B008 - frozen
+        metrics_port: int | None = None,
     ):
         self.port = port
+        self.limits = limits
+        self.metrics_port = metrics_port
         self.slots = slots
         self.health_port = health_port
         self.directory = directory
@@ -131,6 +184,10 @@ class FrontDoor:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://{HOST}:{self.metrics_port}/metrics" if self.metrics_port else None
 
     @property
     def config_path(self) -> Path:
@@ -147,14 +204,22 @@ class FrontDoor:
             UsageError: the port is already taken.
             StageflowError: Caddy exited or did not listen in time (its log is named).
         """
-        if processes.port_in_use(HOST, self.port):
-            raise UsageError(
-                f"port {self.port} on {HOST} is already in use by another program; "
-                "pick another with --port"
-            )
+        for port, option in ((self.port, "--port"), (self.metrics_port, "--metrics-port")):
+            if port and processes.port_in_use(HOST, port):
+                raise UsageError(
+                    f"port {port} on {HOST} is already in use by another program; "
+                    f"pick another with {option}"
+                )
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
-            render_caddyfile(self.port, self.slots, self.health_port, self.timings)
+            render_caddyfile(
+                self.port,
+                self.slots,
+                self.health_port,
+                self.timings,
+                self.limits,
+                self.metrics_port,
+            )
         )
         # Caddy keeps state under XDG folders (certificates, autosaved config);
         # keep it beside our logs instead of in the user's home.

@@ -21,7 +21,7 @@ from experiments import data
 from experiments.train import train
 from registry._stages import PRODUCTION, move
 from serving.controller import VERSION_HEADER, BackgroundServe, Controller
-from serving.frontdoor import FrontDoorTimings
+from serving.frontdoor import FrontDoorLimits, FrontDoorTimings
 from stageflow import processes
 
 pytestmark = pytest.mark.slow
@@ -161,6 +161,23 @@ def test_serve_switches_on_promotion_and_rollback_without_dropping_requests(
     assert load.failures == [], f"{len(load.failures)} of {len(load.answers)} requests failed"
     assert {version for _, version in load.answers} == {v1, v2}
     assert controller.standby_version == v2
+
+    # Front-door limits: an oversized body gets a stable 413, and serving goes on.
+    too_big = requests.post(
+        running.url + "/invocations",
+        data=b'{"inputs": "' + b"x" * (FrontDoorLimits().max_body_bytes + 1) + b'"}',
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert too_big.status_code == 413
+    assert too_big.json()["error_code"] == "REQUEST_TOO_LARGE"
+    assert predict(running.url, wine_request).status_code == 200
+
+    # Caddy's Prometheus metrics: requests by status code, and each upstream's health.
+    metrics = requests.get(controller.front_door.metrics_url, timeout=10).text
+    assert 'caddy_http_request_duration_seconds_count{code="200"' in metrics
+    assert 'code="413"' in metrics
+    assert "caddy_reverse_proxy_upstreams_healthy" in metrics
 
     pids, listening = list(controller.started_pids), controller.listening
     # Caddy, version 1 and version 2: the rollback reused version 1's warm server
