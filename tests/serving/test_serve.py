@@ -217,6 +217,29 @@ def test_serve_waits_for_a_production_version_then_serves_it(
     assert sum(waiting in message for message in caplog.messages) == 1
 
 
+def test_a_killed_model_server_is_restarted_and_serving_resumes(
+    wine_model, client, wine_request, start_serving
+):
+    name, v1, _ = wine_model
+    move(client, name, v1, PRODUCTION)
+    running = start_serving(name)
+    assert running.wait_serving(timeout=START_TIMEOUT_S) == v1
+    controller: Controller = running.controller
+    killed = controller._active.proc.pid
+
+    os.killpg(os.getpgid(killed), signal.SIGKILL)
+
+    processes.wait_until(
+        lambda: controller._active is not None
+        and controller._active.alive()
+        and controller._active.proc.pid != killed,
+        timeout=START_TIMEOUT_S,
+        what="the restarted model server",
+    )
+    wait_for_version(running.url, wine_request, v1, SWITCH_TIMEOUT_S)
+    assert not processes.group_alive(killed)
+
+
 SERVE_SCRIPT = textwrap.dedent(
     """
     import logging, sys
