@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stageflow-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test unit lint format bench clean
+.PHONY: demo test unit lint format bench bench-tuning ui-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,14 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/tracking_latency.py
+
+bench-tuning: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/tuning_overhead.py
+
+# Headless Chromium and its WebDriver for tests/test_ui.py (Debian/Ubuntu; sudo unless root).
+ui-deps:
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y chromium chromium-driver
 
 clean:
 	rm -rf .stageflow mlruns mlartifacts .pytest_cache .ruff_cache

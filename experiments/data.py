@@ -79,6 +79,16 @@ def load(source: str) -> pd.DataFrame:
         raise UsageError(f"cannot read {source}: {exc}") from None
 
 
+def prepare_features(X: pd.DataFrame) -> pd.DataFrame:
+    """Integer feature columns become floats, so a client may send null for any number."""
+    ints = [
+        c
+        for c in X.columns
+        if pd.api.types.is_integer_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])
+    ]
+    return X.astype({c: "float64" for c in ints}) if ints else X
+
+
 def detect_task(y: pd.Series) -> str:
     """Classification for strings, booleans and few distinct integers; regression otherwise."""
     if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):

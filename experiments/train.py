@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 
 from experiments import artifacts, data, evaluate, families
 from stageflow import tracking
@@ -49,14 +48,8 @@ def default_model_name(source: str) -> str:
     return "-".join(Path(source).stem.split())
 
 
-def prepare_features(X: pd.DataFrame) -> pd.DataFrame:
-    """Integer feature columns become floats, so a client may send null for any number."""
-    ints = [
-        c
-        for c in X.columns
-        if pd.api.types.is_integer_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])
-    ]
-    return X.astype({c: "float64" for c in ints}) if ints else X
+# Lives in `data` so tuning's worker processes need not import training (and skops).
+prepare_features = data.prepare_features
 
 
 def train(

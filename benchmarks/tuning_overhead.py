@@ -1,0 +1,316 @@
+"""Tuning: what MLflow tracking costs a study, and what a second worker buys.
+
+One invocation starts Stageflow's tracking server on a free port in a temporary
+folder, runs the measurements below, prints a table, writes the figures as JSON to
+``benchmarks/results/`` (ignored by git) and stops the server, also on Ctrl-C.
+
+- overhead: the same study (same seed, so the same trials: TPE is deterministic
+  given the same history) of a fast model, run with and without MLflow logging, in
+  alternating rounds so load from other programs falls on every variant alike:
+    - ``off``: no MLflow at all (Optuna and SQLite only);
+    - ``stageflow``: what ``stageflow tune`` does: one run per trial, three tracking
+      calls (create, one ``log_batch``, terminate) made by a background thread;
+    - ``inline``: the same three calls, each trial waiting for them;
+    - ``per-value``: one call per param and per metric, each trial waiting (what
+      logging with ``mlflow.log_param``/``log_metric`` in the objective costs);
+  plus where the time of a logged trial goes: the latency of each kind of call.
+- speed-up: ``stageflow tune --workers 1`` against ``--workers 2`` on one SQLite study
+  of a heavier model (random forests), logging on.
+
+Usage:
+    .venv/bin/python benchmarks/tuning_overhead.py [--trials 40] [--rounds 3]
+        [--speedup-trials 40] [--speedup-rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # measure this checkout, installed or not
+
+import optuna  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import RunStatus  # noqa: E402
+
+from experiments import _study, _trial_runs, _workers  # noqa: E402
+from stageflow import processes, server  # noqa: E402
+
+RESULTS_DIR = REPO / "benchmarks" / "results"
+DATA, TARGET = "builtin:breast_cancer", "target"
+OVERHEAD_GOAL, SPEEDUP_GOAL = 1.15, 1.6
+VARIANTS = ("off", "stageflow", "inline", "per-value")
+
+
+class _PerValueRuns(_trial_runs.TrialRuns):
+    """One tracking call per param and per metric, as a hand-written objective would make."""
+
+    def _finish(self, run, number, state, params, scores, seconds, error, end_ms) -> None:
+        run_id = run.result()
+        for key, value in params.items():
+            self.client.log_param(run_id, key, value)
+        for key, value in {**scores.summary(), "trial_seconds": seconds}.items():
+            self.client.log_metric(run_id, key, value)
+        self.client.set_tag(run_id, _trial_runs.STATE_TAG, state)
+        self.client.set_terminated(run_id, _trial_runs.RUN_STATUS[state])
+
+
+class _Timed:
+    """Wraps an MlflowClient and records how long each method call takes."""
+
+    def __init__(self, client, timings):
+        self._client, self._timings = client, timings
+
+    def __getattr__(self, name):
+        method = getattr(self._client, name)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._timings[name].append(time.perf_counter() - started)
+
+        return timed
+
+
+def _job(storage_dir: Path, tracking_uri: str, name: str, families, experiment_id, parent):
+    return _workers.StudyJob(
+        source=DATA,
+        target=TARGET,
+        task="classification",
+        metric="accuracy",
+        families=families,
+        folds=3,
+        seed=42,
+        storage_uri=f"sqlite:///{storage_dir / f'{name}.db'}",
+        study_name=name,
+        tracking_uri=tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+        threads=1,
+    )
+
+
+def _new_study(job) -> None:
+    optuna.create_study(
+        study_name=job.study_name,
+        storage=_study.open_storage(job.storage_uri),
+        direction="maximize",
+    )
+
+
+def _summary(job) -> dict:
+    return _summary_of(job.storage_uri, job.study_name)
+
+
+def _summary_of(storage: str, name: str) -> dict:
+    study = optuna.load_study(study_name=name, storage=storage)
+    states = [t.state.name for t in study.trials]
+    return {
+        "complete": states.count("COMPLETE"),
+        "pruned": states.count("PRUNED"),
+        "best": round(study.best_value, 6),
+        "trial_compute_s": round(
+            sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials), 3
+        ),
+    }
+
+
+def measure_overhead(
+    client, tracking_uri, work: Path, n_trials: int, rounds: int, family="lr", variants=VARIANTS
+) -> dict:
+    experiment_id = client.create_experiment(f"bench-overhead-{time.time_ns()}")
+    seconds = defaultdict(list)
+    studies, call_ms = {}, defaultdict(list)
+    original = _trial_runs.TrialRuns
+    for round_ in range(rounds):
+        order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
+        for variant in order:
+            parent = client.create_run(experiment_id, run_name=f"{variant}-{round_}").info.run_id
+            name = f"{family}-{variant}-{round_}"
+            job = _job(work, tracking_uri, name, (family,), experiment_id, parent)
+            _new_study(job)
+            runs_class = _PerValueRuns if variant == "per-value" else original
+            if variant == "inline":
+                runs_class = _timed_runs(call_ms)
+            _workers.TrialRuns = runs_class  # the class run_trials instantiates
+            try:
+                started = time.perf_counter()
+                _workers.run_trials(
+                    job,
+                    0,
+                    n_trials,
+                    log_trials=variant != "off",
+                    background=variant == "stageflow",
+                )
+                seconds[variant].append(time.perf_counter() - started)
+            finally:
+                _workers.TrialRuns = original
+            client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED))
+            studies[variant] = _summary(job)
+            print(
+                f"  overhead round {round_ + 1}/{rounds} {variant:>9}: {seconds[variant][-1]:.2f}s"
+            )
+    median = {v: statistics.median(s) for v, s in seconds.items()}
+    return {
+        "family": family,
+        "n_trials": n_trials,
+        "rounds": rounds,
+        "seconds": {v: [round(x, 3) for x in s] for v, s in seconds.items()},
+        "median_s": {v: round(m, 3) for v, m in median.items()},
+        "ratio_to_off": {v: round(m / median["off"], 3) for v, m in median.items()},
+        "per_trial_ms": {v: round(1000 * m / n_trials, 1) for v, m in median.items()},
+        "same_study": studies,
+        "inline_call_ms": {
+            name: {"calls": len(t), "median": round(1000 * statistics.median(t), 2)}
+            for name, t in call_ms.items()
+        },
+    }
+
+
+def _timed_runs(call_ms):
+    class TimedRuns(_trial_runs.TrialRuns):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.client = _Timed(self.client, call_ms)
+
+    return TimedRuns
+
+
+def measure_speedup(client, tracking_uri, work: Path, n_trials: int, rounds: int) -> dict:
+    """``stageflow tune --workers 1`` against ``--workers 2``, the command users run.
+
+    The figure compared is the trials phase (the parent run's ``tune_seconds``): from the
+    first trial to the last worker's exit; a worker that is not ready yet simply claims
+    fewer trials. The whole command (interpreter start, setup, and the refit of the best
+    trial: the same work for both) is reported beside it.
+    """
+    phase, whole, studies = defaultdict(list), defaultdict(list), {}
+    for round_ in range(rounds):
+        for workers in (1, 2) if round_ % 2 == 0 else (2, 1):
+            name = f"speedup-w{workers}-{round_}"
+            storage = f"sqlite:///{work / f'{name}.db'}"
+            started = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-m", "stageflow", "tune", "--data", DATA, "--target", TARGET]
+                + ["--model-name", name, "--n-trials", str(n_trials), "--workers", str(workers)]
+                + ["--storage", storage, "--study-name", name, "--families", "rf", "--json"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+                check=True,
+            )
+            whole[workers].append(time.perf_counter() - started)
+            answer = json.loads(done.stdout)
+            run = client.get_run(answer["parent_run_id"])
+            phase[workers].append(run.data.metrics["tune_seconds"])
+            trials = client.search_runs(
+                [run.info.experiment_id],
+                f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                max_results=1000,
+            )
+            by_worker = defaultdict(int)
+            for trial in trials:
+                by_worker[trial.data.tags["stageflow.tune.worker"]] += 1
+            studies[name] = {**_summary_of(storage, name), "trials_by_worker": dict(by_worker)}
+            print(
+                f"  speed-up round {round_ + 1}/{rounds} {workers} worker(s): trials "
+                f"{phase[workers][-1]:.2f}s, whole call {whole[workers][-1]:.2f}s"
+            )
+    median = {w: statistics.median(s) for w, s in phase.items()}
+    median_whole = {w: statistics.median(s) for w, s in whole.items()}
+    return {
+        "n_trials": n_trials,
+        "rounds": rounds,
+        "seconds": {str(w): [round(x, 3) for x in s] for w, s in phase.items()},
+        "median_s": {str(w): round(m, 3) for w, m in median.items()},
+        "speedup": round(median[1] / median[2], 3),
+        "whole_call_seconds": {str(w): [round(x, 3) for x in s] for w, s in whole.items()},
+        "whole_call_speedup": round(median_whole[1] / median_whole[2], 3),
+        "studies": studies,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=40, help="trials per overhead study")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the overhead variants")
+    parser.add_argument("--speedup-trials", type=int, default=40)
+    parser.add_argument("--speedup-rounds", type=int, default=2)
+    parser.add_argument("--family", default="lr", help="model family of the overhead study")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"overhead variants ({','.join(VARIANTS)})"
+    )
+    parser.add_argument("--skip-speedup", action="store_true")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    machine = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "optuna": optuna.__version__,
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
+    with tempfile.TemporaryDirectory(prefix="stageflow-bench-tuning-") as tmp:
+        home, work = Path(tmp) / "home", Path(tmp) / "studies"
+        work.mkdir()
+        info = server.start(port=processes.free_port(), home=home, tie_to_parent=True)
+        try:
+            os.environ["MLFLOW_TRACKING_URI"] = info.uri
+            client = MlflowClient(info.uri)
+            print(f"tracking server {info.uri}; overhead: {args.trials} trials x {args.rounds}")
+            variants = tuple(v for v in args.variants.split(",") if v)
+            overhead = measure_overhead(
+                client, info.uri, work, args.trials, args.rounds, args.family, variants
+            )
+            speedup = None
+            if not args.skip_speedup:
+                print(f"speed-up: {args.speedup_trials} trials x {args.speedup_rounds}")
+                speedup = measure_speedup(
+                    client, info.uri, work, args.speedup_trials, args.speedup_rounds
+                )
+        finally:
+            server.stop(home)
+    machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+
+    print(f"\ntracking overhead (median wall seconds, same study of {args.family}):")
+    for variant in variants:
+        print(
+            f"  {variant:>9}: {overhead['median_s'][variant]:7.2f}s  "
+            f"{overhead['per_trial_ms'][variant]:6.1f} ms/trial  "
+            f"x{overhead['ratio_to_off'][variant]:.3f}"
+        )
+    print(f"  goal: stageflow <= x{OVERHEAD_GOAL}")
+    print(f"  inline call latency (ms, median): {overhead['inline_call_ms']}")
+    if speedup:
+        print(
+            f"\nparallel (trials phase): 1 worker {speedup['median_s']['1']:.2f}s, 2 workers "
+            f"{speedup['median_s']['2']:.2f}s: x{speedup['speedup']:.2f} (goal >= {SPEEDUP_GOAL}); "
+            f"whole call x{speedup['whole_call_speedup']:.2f}"
+        )
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"tuning-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(
+        json.dumps({**meta, "machine": machine, "overhead": overhead, "speedup": speedup}, indent=1)
+    )
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
