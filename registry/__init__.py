@@ -1,7 +1,8 @@
 """The model registry as Stageflow users see it: stages mirrored by aliases, gates, a ledger.
 
 Public surface:
-    promote, rollback, status, history -- the four commands' functions;
+    promote, rollback, status, history, repair -- the commands' functions;
+    set_policy, show_policy, Policy -- the promotion policy of a model (``registry.policy``);
     current_version -- which version holds a stage (what serving asks);
     stage and alias names.
 """
@@ -17,7 +18,9 @@ from registry._stages import (
 )
 from registry._transition import Refused, TransitionResult
 from registry.ledger import Entry
+from registry.policy import Policy, set_policy, show_policy
 from registry.promote import promote
+from registry.repair import repair
 from registry.rollback import rollback
 from registry.status import Status, history, status
 
@@ -29,12 +32,16 @@ __all__ = [
     "PRODUCTION",
     "STAGING",
     "Entry",
+    "Policy",
     "Refused",
     "Status",
     "TransitionResult",
     "current_version",
     "history",
     "promote",
+    "repair",
     "rollback",
+    "set_policy",
+    "show_policy",
     "status",
 ]

@@ -91,9 +91,15 @@ def move(client: MlflowClient, name: str, version: str, stage: str) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated; see above
-            client.transition_model_version_stage(
-                name, version, stage, archive_existing_versions=stage in ALIAS_FOR_STAGE
-            )
+            # Not archive_existing_versions=True: on PostgreSQL MLflow 3.17 compares the
+            # integer version column with a string there and the call fails. The stage
+            # is written first, so a fault before the archiving leaves two holders that
+            # `repair` resolves in favour of the version the ledger placed last.
+            client.transition_model_version_stage(name, version, stage)
+            if stage in ALIAS_FOR_STAGE:
+                for other in holders(client, name, stage):
+                    if str(other.version) != str(version):
+                        client.transition_model_version_stage(name, other.version, ARCHIVED)
         for other_stage, alias in ALIAS_FOR_STAGE.items():
             if other_stage == stage:
                 client.set_registered_model_alias(name, alias, version)

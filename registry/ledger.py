@@ -2,10 +2,13 @@
 
 MLflow keeps no history of stages (mlflow#2169). Each transition Stageflow makes
 is one run in the ``stageflow-ledger`` experiment, tagged with the model,
-version, from/to stage, actor and reason, and carrying the gate results as an
-artifact. The run is opened before the registry is touched and closed after:
-FINISHED means the transition happened; a refusal or failure closes it as
-FAILED; a run left RUNNING marks a transition that was interrupted.
+version, from/to stage, actor and reason, and carrying the gate report
+(``gate_report.json`` and ``gate_report.md``). The run is opened before the
+registry is touched and closed after: FINISHED means the transition happened; a
+refusal or failure closes it as FAILED; a run left RUNNING marks a transition
+that was interrupted. The next promoter to hold the model's lock (or
+``stageflow repair``) settles it from what the registry shows: FINISHED when the
+version did reach the stage, FAILED when it did not -- never "done" on faith.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from mlflow.entities import RunStatus, RunTag
 
 LEDGER_EXPERIMENT = "stageflow-ledger"
 ACTOR_ENV = "STAGEFLOW_ACTOR"
-PROMOTE, ROLLBACK = "promote", "rollback"
+PROMOTE, ROLLBACK, REPAIR = "promote", "rollback", "repair"
 DONE, REFUSED, FAILED = "done", "refused", "failed"
 PENDING, INTERRUPTED = "pending", "interrupted"
 TAG = "stageflow."
+REPORT_JSON, REPORT_MARKDOWN = "gate_report.json", "gate_report.md"
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Entry:
     archived: list[str] = field(default_factory=list)
     run_id: str = ""
     detail: str = ""
+    report: str = ""  # the gate report artifact, runs:/<ledger run>/gate_report.md
 
     def to_json(self) -> dict:
         record = asdict(self)
@@ -61,7 +66,8 @@ def actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _experiment_id(client: MlflowClient) -> str:
+def experiment_id(client: MlflowClient) -> str:
+    """The ledger experiment's id, created on first use."""
     experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
@@ -79,7 +85,7 @@ def begin(client: MlflowClient, entry: Entry) -> Entry:
     entry.time = time.time()
     entry.outcome = PENDING
     run = client.create_run(
-        _experiment_id(client),
+        experiment_id(client),
         start_time=int(entry.time * 1000),
         run_name=f"{entry.model} v{entry.version} → {entry.to_stage}",
         tags=_tags(entry) | {f"{TAG}time_ns": str(time.time_ns())},
@@ -96,9 +102,18 @@ def finish(
     entry.detail = detail
     client.log_batch(entry.run_id, tags=[RunTag(k, v) for k, v in _tags(entry).items()])
     if evidence is not None:
-        client.log_dict(entry.run_id, evidence, "gates.json")
+        client.log_dict(entry.run_id, evidence, REPORT_JSON)
     status = RunStatus.FINISHED if outcome == DONE else RunStatus.FAILED
     client.set_terminated(entry.run_id, status=RunStatus.to_string(status))
+    return entry
+
+
+def log_report(client: MlflowClient, entry: Entry, report: dict, markdown: str) -> Entry:
+    """Attach the gate report (JSON and Markdown) to the entry's run."""
+    client.log_dict(entry.run_id, report, REPORT_JSON)
+    client.log_text(entry.run_id, markdown, REPORT_MARKDOWN)
+    entry.report = f"runs:/{entry.run_id}/{REPORT_MARKDOWN}"
+    client.set_tag(entry.run_id, f"{TAG}report", entry.report)
     return entry
 
 
@@ -162,6 +177,7 @@ def _tags(entry: Entry) -> dict[str, str]:
         f"{TAG}outcome": entry.outcome,
         f"{TAG}archived": ",".join(entry.archived),
         f"{TAG}detail": entry.detail[:4000],
+        f"{TAG}report": entry.report,
     }
 
 
@@ -187,6 +203,7 @@ def _from_run(run) -> Entry:
         archived=[v for v in tag("archived").split(",") if v],
         run_id=run.info.run_id,
         detail=tag("detail"),
+        report=tag("report"),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from registry import ledger
+from registry import _lock, ledger
 from registry._stages import (
     ALIAS_FOR_STAGE,
     PRODUCTION,
@@ -27,6 +27,7 @@ class Status:
     versions: list[dict]
     last_transition: dict | None
     problems: list[str] = field(default_factory=list)
+    lock: str | None = None  # who holds the model's promotion lock right now
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -37,7 +38,8 @@ def status(model: str, tracking_uri: str | None = None) -> Status:
 
     Problems flagged: a stage held by more than one version, a stage without its
     alias (or an alias on a version outside its stage), a transition the ledger
-    shows as interrupted.
+    shows as interrupted. ``stageflow status --repair`` (:func:`registry.repair`)
+    fixes each of them and records the fix in the ledger.
     """
     client = tracking.client(tracking_uri)
     require_model(client, model)
@@ -62,7 +64,7 @@ def status(model: str, tracking_uri: str | None = None) -> Status:
             problems.append(
                 f"the {entry.action} of version {entry.version} to {entry.to_stage} "
                 f"started {_ago(entry.time)} was interrupted (ledger run {entry.run_id}); "
-                "re-run the same command"
+                "re-run the same command, or `stageflow status --repair`"
             )
     done = [e for e in history if e.outcome == ledger.DONE]
     return Status(
@@ -82,6 +84,7 @@ def status(model: str, tracking_uri: str | None = None) -> Status:
         ],
         last_transition=done[-1].to_json() if done else None,
         problems=problems,
+        lock=_lock.describe(client, model),
     )
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from stageflow.errors import StageflowError
+from stageflow.errors import StageflowError, UsageError
 
 EPILOG_TRACKING = (
     "The tracking server comes from --tracking-uri, else MLFLOW_TRACKING_URI, "
@@ -59,6 +59,19 @@ def _optional_positive_int(text: str) -> int | None:
     return _positive_int(text) if text.strip() else None
 
 
+def _optional_positive_float(text: str) -> float | None:
+    """Seconds > 0; "" means "not given" (MLproject cannot omit a flag)."""
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -77,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
             "A typical day:\n"
             "  stageflow server start --detach\n"
             "  stageflow train --data builtin:wine --target target --model-name wine --family rf\n"
+            "  stageflow tune --data builtin:wine --target target --model-name wine --n-trials 30 "
+            "--workers 2\n"
             "  stageflow promote --model wine --version 1 --to Staging --reason 'first model'\n"
             "  stageflow promote --model wine --version 1 --to Production\n"
             "  stageflow serve --model wine --port 8080          # in another terminal\n"
@@ -161,6 +176,81 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking(train)
     _add_json(train)
 
+    tune = commands.add_parser(
+        "tune",
+        help="search hyperparameters with Optuna; register the best as a new version",
+        formatter_class=_formatter,
+        description=(
+            "Run an Optuna study over the model families (TPE with a seed, median pruning on "
+            "cross-validation folds). One parent MLflow run per call holds the study's settings, "
+            "best params, plots and trials.csv; every trial is a nested run named trial-N with "
+            "its params, fold metrics and state. The best trial is refit, evaluated and logged "
+            "like `train` and registered as a new version of --model-name.\n\n"
+            "Studies live in SQLite under $STAGEFLOW_HOME (default ./.stageflow/optuna.db); "
+            "--storage postgresql://USER@HOST/DB lets workers on several machines share one. "
+            "The same --study-name and --storage resume a study and add trials. Keep passwords "
+            "out of URIs (use PGPASSWORD or ~/.pgpass); Stageflow masks any it is given.\n\n"
+            "Examples:\n"
+            "  stageflow tune --data builtin:breast_cancer --target target --model-name cancer "
+            "--n-trials 40 --workers 2\n"
+            "  stageflow tune --data churn.csv --target churned --n-trials 200 --workers 4 \\\n"
+            "      --storage postgresql://optuna@db.internal/studies --study-name churn-v3\n"
+            "  # on another machine, the same command adds its workers to churn-v3"
+        ),
+        epilog=EPILOG_TRACKING,
+    )
+    tune.add_argument(
+        "--data", required=True, metavar="SOURCE", help="builtin:NAME or a .csv / .parquet path"
+    )
+    tune.add_argument("--target", required=True, metavar="COLUMN", help="the column to predict")
+    tune.add_argument(
+        "--model-name", metavar="NAME", help="registered model (default: data set name)"
+    )
+    tune.add_argument(
+        "--n-trials", required=True, type=_positive_int, metavar="N", help="trials to add"
+    )
+    tune.add_argument(
+        "--workers", type=_positive_int, default=1, metavar="K", help="processes (default 1)"
+    )
+    tune.add_argument(
+        "--storage", metavar="URI", help="sqlite:///PATH or postgresql://USER@HOST/DB"
+    )
+    tune.add_argument(
+        "--study-name", metavar="NAME", help="resume this study (default: a new one per call)"
+    )
+    tune.add_argument(
+        "--timeout",
+        type=_optional_positive_float,
+        metavar="SECONDS",
+        help="stop starting trials after this long",
+    )
+    tune.add_argument(
+        "--families",
+        default=",".join(catalog.FAMILIES),
+        metavar="LIST",
+        help=f"comma-separated families to search (default {','.join(catalog.FAMILIES)})",
+    )
+    tune.add_argument(
+        "--metric",
+        metavar="NAME",
+        help="optimise this (classification: accuracy, f1, roc_auc, log_loss; "
+        "regression: rmse, mae, r2; default accuracy / rmse)",
+    )
+    tune.add_argument(
+        "--folds", type=_positive_int, default=3, metavar="K", help="CV folds (default 3)"
+    )
+    tune.add_argument("--seed", type=int, default=42, help="split and sampler seed (default 42)")
+    tune.add_argument(
+        "--task",
+        choices=catalog.TASKS,
+        help="override the detected task (classification/regression)",
+    )
+    tune.add_argument(
+        "--experiment", metavar="NAME", help="MLflow experiment (default: model name)"
+    )
+    _add_tracking(tune)
+    _add_json(tune)
+
     promote = commands.add_parser(
         "promote",
         help="move a version to Staging or Production through its gate",
@@ -168,7 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Move a version into Staging or Production if its gate passes; the previous holder "
             "is archived and the stage's alias (challenger / champion) follows. Production is "
-            "entered only from Staging. Every transition goes into the ledger."
+            "entered only from Staging. Every transition goes into the ledger.\n\n"
+            "Gates (numbers from the model's policy, see `stageflow policy show`):\n"
+            "  Staging:    loads and predicts its input example; test-metric thresholds;\n"
+            "              input schema compatible with Production; predict latency budget\n"
+            "  Production: from Staging; loads and predicts; thresholds; schema; not worse\n"
+            "              than the champion on the challenger's test split (paired bootstrap)\n"
+            "A refusal names the failed check and its numbers and exits 1.\n\n"
+            "Example:\n"
+            "  stageflow promote --model wine --version 3 --to Production --dry-run"
         ),
         epilog=EPILOG_TRACKING,
     )
@@ -176,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", required=True, type=_positive_int, metavar="V")
     promote.add_argument("--to", required=True, metavar="STAGE", help="Staging or Production")
     promote.add_argument("--reason", default="", metavar="TEXT", help="why (kept in the ledger)")
+    promote.add_argument(
+        "--dry-run", action="store_true", help="run the gates and report; change nothing"
+    )
+    promote.add_argument(
+        "--allow-breaking",
+        metavar="REASON",
+        help="accept an input-schema change that breaks Production's clients, saying why",
+    )
+    promote.add_argument(
+        "--policy", metavar="FILE", help="YAML/JSON policy for this promotion (default: model's)"
+    )
     _add_tracking(promote)
     _add_json(promote)
 
@@ -202,6 +311,37 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=text, description=text, epilog=EPILOG_TRACKING)
         sub.add_argument("--model", required=True, metavar="NAME")
+        if name == "status":
+            sub.add_argument(
+                "--repair",
+                action="store_true",
+                help="fix what it flags (interrupted transitions, stages and aliases), "
+                "recording each fix in the ledger",
+            )
+        _add_tracking(sub)
+        _add_json(sub)
+
+    policy = commands.add_parser(
+        "policy",
+        help="show or set the promotion policy of a model",
+        formatter_class=_formatter,
+        description=(
+            "A policy holds the numbers the gates judge by (thresholds, latency budget, "
+            "champion comparison); it is stored on the registered model as the "
+            "stageflow.policy tag. Unknown keys are refused. See README, 'Policies'.\n\n"
+            "Examples:\n"
+            "  stageflow policy show --model wine\n"
+            "  stageflow policy set --model wine --file policy.yaml"
+        ),
+        epilog=EPILOG_TRACKING,
+    )
+    policy_commands = policy.add_subparsers(dest="policy_command", metavar="ACTION")
+    policy_commands.required = True
+    for action, text in (("show", "the policy promotions run under"), ("set", "store one")):
+        sub = policy_commands.add_parser(action, help=text, description=text)
+        sub.add_argument("--model", required=True, metavar="NAME")
+        if action == "set":
+            sub.add_argument("--file", required=True, metavar="FILE", help="YAML or JSON")
         _add_tracking(sub)
         _add_json(sub)
 
@@ -218,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--model", required=True, metavar="NAME")
     serve.add_argument("--port", type=_port, default=8080, help="public port (default 8080)")
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Caddy's Prometheus metrics on 127.0.0.1:PORT/metrics (default: a free port, "
+        "logged at start)",
+    )
     _add_tracking(serve)
 
     score = commands.add_parser(
@@ -319,20 +466,87 @@ def _transition_lines(result) -> str:
             f"{result.model} version {result.version} is already in {result.to_stage}; "
             "nothing to do"
         )
-    lines = [
-        f"{result.model} version {result.version}: {result.from_stage} → {result.to_stage}"
-        + (f" (archived version {', '.join(result.archived)})" if result.archived else "")
-    ]
+    lines = [f"  repaired first: {line}" for line in getattr(result, "repaired", [])]
+    if getattr(result, "dry_run", False):
+        lines.insert(0, f"dry run: {result.model} version {result.version} would pass the gate")
+    else:
+        lines.insert(
+            0,
+            f"{result.model} version {result.version}: {result.from_stage} → {result.to_stage}"
+            + (f" (archived version {', '.join(result.archived)})" if result.archived else ""),
+        )
     for check in result.checks:
-        lines.append(f"  ✓ {check.check}: {check.detail}")
-    lines.append(f"  ledger: {result.ledger_run_id}")
+        lines.append(f"  {'✓' if check.passed else '✗'} {check.check}: {check.detail}")
+    if getattr(result, "report_uri", ""):
+        lines.append(f"  report: {result.report_uri}")
+    if result.ledger_run_id:
+        lines.append(f"  ledger: {result.ledger_run_id}")
     return "\n".join(lines)
 
 
-def cmd_promote(args) -> int:
-    from registry import promote  # noqa: PLC0415
+def cmd_tune(args) -> int:
+    from experiments.tune import tune  # noqa: PLC0415
 
-    result = promote(args.model, args.version, args.to, args.reason, args.tracking_uri)
+    result = tune(
+        args.data,
+        args.target,
+        args.n_trials,
+        model_name=args.model_name or None,
+        workers=args.workers,
+        storage=args.storage or None,
+        study_name=args.study_name or None,
+        timeout=args.timeout,
+        metric=args.metric or None,
+        families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
+        folds=args.folds,
+        seed=args.seed,
+        task=args.task,
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        progress=not args.json,
+        # Nothing has run in this process yet (no threads, databases or OpenMP), so its
+        # workers can be forked instead of spawned: seconds sooner at work.
+        worker_start="fork",
+    )
+    t = result.trials
+    lines = [
+        f"study {result.study_name} in {result.storage}: {t['added']} trial(s) added "
+        f"({t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed in all)",
+        f"  best: trial {result.best_trial}, cv {result.metric} {result.best_value:.4f}, "
+        + ", ".join(f"{k}={v}" for k, v in result.best_params.items()),
+        "  test " + ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()),
+        f"registered {result.model_name} version {result.version}",
+        f"  run: {result.run_url}",
+        f"  more trials: stageflow tune --data {args.data} --target {args.target} "
+        f"--model-name {result.model_name} --study-name {result.study_name} --n-trials N"
+        + (f" --storage '{result.storage}'" if args.storage else ""),
+        f"  next: stageflow promote --model {result.model_name} --version {result.version} "
+        "--to Staging --reason '...'",
+    ]
+    _emit(args, result.to_json(), "\n".join(lines))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from registry import Refused, promote  # noqa: PLC0415
+
+    if args.allow_breaking is not None and not args.allow_breaking.strip():
+        raise UsageError("--allow-breaking needs a reason, e.g. --allow-breaking 'clients moved'")
+    try:
+        result = promote(
+            args.model,
+            args.version,
+            args.to,
+            args.reason,
+            args.tracking_uri,
+            dry_run=args.dry_run,
+            allow_breaking=args.allow_breaking or "",
+            policy_file=args.policy,
+        )
+    except Refused as refused:
+        if args.json:  # scripts get the whole report; the one-line reason still goes to stderr
+            print(json.dumps(refused.result.to_json() | {"refused": True}, default=str))
+        raise
     _emit(args, result.to_json(), _transition_lines(result))
     return 0
 
@@ -346,8 +560,12 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from registry import status  # noqa: PLC0415
+    from registry import repair, status  # noqa: PLC0415
 
+    if args.repair:
+        fixed = repair(args.model, tracking_uri=args.tracking_uri)
+        if not args.json:
+            print("\n".join(f"repaired: {line}" for line in fixed) or "nothing to repair")
     st = status(args.model, args.tracking_uri)
     lines = [
         f"{st.model}",
@@ -363,6 +581,8 @@ def cmd_status(args) -> int:
             f"  last change: {t['time']} {t['actor']} moved version {t['version']} "
             f"{t['from_stage']} → {t['to_stage']}" + (f" ({t['reason']})" if t["reason"] else "")
         )
+    if st.lock:
+        lines.append(f"  promotion in progress: lock held by {st.lock}")
     for problem in st.problems:
         lines.append(f"  ! {problem}")
     _emit(args, st.to_json(), "\n".join(lines))
@@ -384,10 +604,28 @@ def cmd_history(args) -> int:
     return 0
 
 
+def cmd_policy(args) -> int:
+    import yaml  # noqa: PLC0415
+
+    from registry import set_policy, show_policy  # noqa: PLC0415
+
+    if args.policy_command == "set":
+        policy = set_policy(args.model, args.file, args.tracking_uri)
+    else:
+        policy = show_policy(args.model, args.tracking_uri)
+    human = f"# policy of {args.model} ({policy.source})\n" + yaml.safe_dump(
+        policy.values, sort_keys=False
+    )
+    _emit(args, {"model": args.model, **policy.to_json()}, human.rstrip())
+    return 0
+
+
 def cmd_serve(args) -> int:
     from serving.controller import serve  # noqa: PLC0415
 
-    serve(args.model, port=args.port, tracking_uri=args.tracking_uri)
+    serve(
+        args.model, port=args.port, tracking_uri=args.tracking_uri, metrics_port=args.metrics_port
+    )
     return 0
 
 
@@ -412,10 +650,12 @@ def cmd_demo(args) -> int:
 HANDLERS = {
     "server": cmd_server,
     "train": cmd_train,
+    "tune": cmd_tune,
     "promote": cmd_promote,
     "rollback": cmd_rollback,
     "status": cmd_status,
     "history": cmd_history,
+    "policy": cmd_policy,
     "serve": cmd_serve,
     "score": cmd_score,
     "demo": cmd_demo,

@@ -52,7 +52,14 @@ def _wait_for_version(url: str, rows, version: str, timeout: float = SWITCH_TIME
 def run_demo(tracking_port: int = 5000, serve_port: int = 8080) -> int:
     from experiments import data  # noqa: PLC0415
     from experiments.train import train  # noqa: PLC0415
-    from registry import PRODUCTION, STAGING, history, promote, rollback  # noqa: PLC0415
+    from registry import (  # noqa: PLC0415
+        PRODUCTION,
+        STAGING,
+        history,
+        promote,
+        rollback,
+        set_policy,
+    )
     from serving.batch import score  # noqa: PLC0415
 
     home = tracking.home()
@@ -113,6 +120,14 @@ def run_demo(tracking_port: int = 5000, serve_port: int = 8080) -> int:
         _say(f"    → X-Model-Version: {version}, predictions: {predictions}")
 
         _step(5, f"Promote the other one (version {other.version}); the front door follows")
+        # The demo ships the worse version on purpose, to show a switch and a rollback.
+        # The default gate (non-inferiority within 2%) would rightly refuse it, so the
+        # demo's model gets a wider margin -- a policy is data (README, "Policies").
+        policy = home / "demo" / "policy.yaml"
+        policy.parent.mkdir(parents=True, exist_ok=True)
+        policy.write_text("comparison:\n  margin: 0.15\n")
+        set_policy(MODEL, policy, uri)
+        _say(f"    the worse one on purpose: policy for {MODEL} widened to a 15% margin ({policy})")
         for stage in (STAGING, PRODUCTION):
             promote(MODEL, other.version, stage, "demo: try the other family", uri)
         seconds = _wait_for_version(url, rows, other.version)

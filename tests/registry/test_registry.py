@@ -53,7 +53,13 @@ def test_promotion_moves_stage_and_alias_together_and_archives_the_previous_hold
     assert result.archived == ["1"]
     assert resolved(name) == {"prod": "2", "staging": None}
     assert MlflowClient().get_model_version(name, "1").current_stage == "Archived"
-    assert [c.check for c in result.checks] == ["from_staging", "loads_and_predicts"]
+    assert [c.check for c in result.checks] == [
+        "from_staging",
+        "loads_and_predicts",
+        "thresholds",
+        "schema_compatible",
+        "beats_champion",
+    ]
 
 
 def test_production_only_from_staging_is_refused_and_changes_nothing(two_versions):

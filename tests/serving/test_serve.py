@@ -230,9 +230,11 @@ def test_a_killed_model_server_is_restarted_and_serving_resumes(
     os.killpg(os.getpgid(killed), signal.SIGKILL)
 
     processes.wait_until(
-        lambda: controller._active is not None
-        and controller._active.alive()
-        and controller._active.proc.pid != killed,
+        lambda: (
+            controller._active is not None
+            and controller._active.alive()
+            and controller._active.proc.pid != killed
+        ),
         timeout=START_TIMEOUT_S,
         what="the restarted model server",
     )

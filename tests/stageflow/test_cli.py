@@ -41,7 +41,8 @@ def assert_one_line_error(result, code: int, *fragments: str):
         (["promote", "--model", "m", "--version", "x", "--to", "Staging"], "not a whole number"),
         (["promote", "--model", "m", "--version", "0", "--to", "Staging"], "at least 1"),
         (["serve", "--model", "m", "--port", "70000"], "not a TCP port"),
-        (["tune"], "invalid choice"),
+        (["tune", "--data", "builtin:wine"], "--target"),
+        (["deploy"], "invalid choice"),
     ],
 )
 def test_bad_usage_exits_2_with_one_line(args, fragment):
