@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+import mlflow
+from mlflow import MlflowClient
+
 
 def processes_mentioning(text: str) -> list[int]:
     """Pids whose command line contains ``text`` (to prove nothing was left running)."""
@@ -13,4 +16,23 @@ def processes_mentioning(text: str) -> list[int]:
                     found.append(int(proc.name))
             except OSError:
                 continue
+    return found
+
+
+def assert_one_holder_per_stage(client: MlflowClient, name: str) -> dict[str, str | None]:
+    """Each stage held by at most one version, and its alias names that version."""
+    found = {}
+    for stage, alias in (("Staging", "challenger"), ("Production", "champion")):
+        held = [
+            v.version
+            for v in client.search_model_versions(f"name='{name}'")
+            if v.current_stage == stage
+        ]
+        assert len(held) <= 1, f"{stage} held by {held}"
+        try:
+            by_alias = client.get_model_version_by_alias(name, alias).version
+        except mlflow.exceptions.MlflowException:
+            by_alias = None
+        assert (held[0] if held else None) == by_alias, f"{stage} {held} vs @{alias} {by_alias}"
+        found[stage] = by_alias
     return found

@@ -22,30 +22,12 @@ from registry import _lock, ledger
 from registry._stages import move
 from stageflow import processes, server
 from stageflow.errors import StageflowError
+from tests.helpers import assert_one_holder_per_stage
 
 pytestmark = pytest.mark.slow
 
 PROMOTER = Path(__file__).with_name("promoter.py")
 PROMOTERS = 6
-
-
-def assert_one_holder_per_stage(client: MlflowClient, name: str) -> dict[str, str | None]:
-    """Each stage held by at most one version, and its alias names that version."""
-    found = {}
-    for stage, alias in (("Staging", "challenger"), ("Production", "champion")):
-        held = [
-            v.version
-            for v in client.search_model_versions(f"name='{name}'")
-            if v.current_stage == stage
-        ]
-        assert len(held) <= 1, f"{stage} held by {held}"
-        try:
-            by_alias = client.get_model_version_by_alias(name, alias).version
-        except mlflow.exceptions.MlflowException:
-            by_alias = None
-        assert (held[0] if held else None) == by_alias, f"{stage} {held} vs @{alias} {by_alias}"
-        found[stage] = by_alias
-    return found
 
 
 def race(uri: str, name: str, versions: list[str], stage: str, barrier: Path) -> list[dict]:

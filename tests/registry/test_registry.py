@@ -7,6 +7,7 @@ import registry
 from registry import ledger
 from registry._stages import move
 from stageflow.errors import StageflowError, UsageError
+from tests.helpers import assert_one_holder_per_stage
 
 pytestmark = pytest.mark.slow
 
@@ -19,26 +20,9 @@ def two_versions(register_versions, model_name):
 
 
 def resolved(name: str) -> dict[str, str | None]:
-    """What the stage URIs and the aliases resolve to."""
-    client = MlflowClient()
-    result = {}
-    for key, alias, stage in (
-        ("prod", "champion", "Production"),
-        ("staging", "challenger", "Staging"),
-    ):
-        held = [
-            v.version
-            for v in client.search_model_versions(f"name='{name}'")
-            if v.current_stage == stage
-        ]
-        assert len(held) <= 1, f"{stage} held by {held}"
-        try:
-            by_alias = client.get_model_version_by_alias(name, alias).version
-        except Exception:
-            by_alias = None
-        assert (held[0] if held else None) == by_alias, f"{stage} {held} disagrees with @{alias}"
-        result[key] = by_alias
-    return result
+    """What Production and Staging resolve to (stage and alias agreeing is asserted)."""
+    found = assert_one_holder_per_stage(MlflowClient(), name)
+    return {"prod": found["Production"], "staging": found["Staging"]}
 
 
 def test_promotion_moves_stage_and_alias_together_and_archives_the_previous_holder(two_versions):
