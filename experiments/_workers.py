@@ -250,7 +250,8 @@ def run_trials(
         run = runs.started(trial.number) if runs else None
         state, error = FAIL, ""
         try:
-            value = objective(trial, scores)
+            with _interruptible():
+                value = objective(trial, scores)
             state = COMPLETE
             return value
         except optuna.TrialPruned:
@@ -271,10 +272,16 @@ def run_trials(
         budget = TrialBudget(budget)
     deadline = time.monotonic() + timeout if timeout else None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _deferred_interrupts():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            while (deadline is None or time.monotonic() < deadline) and budget.claim():
+            while (
+                not _INTERRUPT.requested
+                and (deadline is None or time.monotonic() < deadline)
+                and budget.claim()
+            ):
                 study.optimize(traced, n_trials=1, catch=(Exception,))
+        if _INTERRUPT.requested:
+            raise KeyboardInterrupt
     finally:
         if runs:
             runs.close()
@@ -312,11 +319,56 @@ def _worker_process(conn, worker: int, budget: TrialBudget) -> None:
         sys.exit(130)
 
 
+class _Interrupt:
+    """Where a Ctrl-C may land: inside a trial's objective, or nowhere until the trial ends.
+
+    Optuna records a trial interrupted inside its objective as FAIL, but an interrupt
+    that lands in its own bookkeeping (creating the trial, telling its result) leaves
+    the trial RUNNING in the study for ever. So outside the objective a Ctrl-C only
+    asks the worker to stop before its next trial.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.inside_objective = False
+
+
+_INTERRUPT = _Interrupt()
+
+
 def _interrupt_once(signum, frame):
-    """The first SIGINT/SIGTERM interrupts the trial; later ones must not cut the cleanup."""
+    """The first SIGINT/SIGTERM stops the worker; later ones must not cut the cleanup."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    _INTERRUPT.requested = True
+    if _INTERRUPT.inside_objective:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """The objective is where a Ctrl-C may interrupt at once."""
+    _INTERRUPT.inside_objective = True
+    try:
+        if _INTERRUPT.requested:
+            raise KeyboardInterrupt
+        yield
+    finally:
+        _INTERRUPT.inside_objective = False
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    """Route SIGINT/SIGTERM through :func:`_interrupt_once` while trials run (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
