@@ -124,25 +124,12 @@ def _transition_locked(client, lease, result, version, checks, policy, allow_bre
         ctx = gates.GateContext(
             client, model, version, to_stage, policy, allow_breaking, entry.run_id
         )
-        result.checks = gates.run(ctx, checks)
-        result.report = report.build(
-            model,
-            result.version,
-            result.from_stage,
-            to_stage,
-            action,
-            entry.actor,
-            result.reason,
-            policy,
-            result.checks,
-            allow_breaking,
-        )
+        failed = _judge(result, ctx, checks, entry.actor)
         ledger.log_report(client, entry, result.report, report.markdown(result.report))
         result.report_uri = entry.report
         report.annotate_version(client, result.report, entry.report)
-        failed = [c for c in result.checks if not c.passed]
         if failed:
-            why = "; ".join(f"{c.check}: {c.detail}" for c in failed)
+            why = _why(failed)
             ledger.finish(client, entry, ledger.REFUSED, detail=why)
             raise Refused(
                 f"refused {action} of {model} version {result.version} to {to_stage}: {why}",
@@ -157,7 +144,7 @@ def _transition_locked(client, lease, result, version, checks, policy, allow_bre
     except BaseException as exc:
         # The registry may or may not have moved; the ledger says "failed", never "done".
         # If the server itself is gone the entry stays RUNNING: status reports it, and the
-        # next promotion (or `stageflow repair`) settles it from what the registry shows.
+        # next promotion (or `stageflow status --repair`) settles it from what the registry shows.
         with contextlib.suppress(Exception):
             ledger.finish(client, entry, ledger.FAILED, detail=_first_line(exc))
         raise
@@ -183,29 +170,37 @@ def _dry_run(client, model, version, to_stage, action, checks, reason, policy, a
     if _already_there(client, model, version, to_stage):
         return result
     ctx = gates.GateContext(client, model, version, to_stage, policy, allow_breaking)
-    result.checks = gates.run(ctx, checks)
-    result.report = report.build(
-        model,
-        result.version,
-        result.from_stage,
-        to_stage,
-        action,
-        ledger.actor(),
-        reason,
-        policy,
-        result.checks,
-        allow_breaking,
-        dry_run=True,
-    )
-    failed = [c for c in result.checks if not c.passed]
+    failed = _judge(result, ctx, checks, ledger.actor(), dry_run=True)
     if failed:
-        why = "; ".join(f"{c.check}: {c.detail}" for c in failed)
         raise Refused(
             f"dry run: would refuse {action} of {model} version {result.version} to "
-            f"{to_stage}: {why}",
+            f"{to_stage}: {_why(failed)}",
             result,
         )
     return result
+
+
+def _judge(result, ctx, checks, actor: str, dry_run: bool = False) -> list[gates.CheckResult]:
+    """Run the gate's checks, build the report into ``result``; return the failed checks."""
+    result.checks = gates.run(ctx, checks)
+    result.report = report.build(
+        result.model,
+        result.version,
+        result.from_stage,
+        result.to_stage,
+        result.action,
+        actor,
+        result.reason,
+        ctx.policy,
+        result.checks,
+        ctx.allow_breaking,
+        dry_run=dry_run,
+    )
+    return [c for c in result.checks if not c.passed]
+
+
+def _why(failed: list[gates.CheckResult]) -> str:
+    return "; ".join(f"{c.check}: {c.detail}" for c in failed)
 
 
 def _result(model, version, to_stage, action, reason) -> TransitionResult:

@@ -40,6 +40,17 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    """What train and tune learn from, and the model they register."""
+    parser.add_argument(
+        "--data", required=True, metavar="SOURCE", help="builtin:NAME or a .csv / .parquet path"
+    )
+    parser.add_argument("--target", required=True, metavar="COLUMN", help="the column to predict")
+    parser.add_argument(
+        "--model-name", metavar="NAME", help="registered model (default: data set name)"
+    )
+
+
 def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -145,13 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG_TRACKING,
     )
-    train.add_argument(
-        "--data", required=True, metavar="SOURCE", help="builtin:NAME or a .csv / .parquet path"
-    )
-    train.add_argument("--target", required=True, metavar="COLUMN", help="the column to predict")
-    train.add_argument(
-        "--model-name", metavar="NAME", help="registered model (default: data set name)"
-    )
+    _add_data(train)
     train.add_argument(
         "--family",
         choices=catalog.FAMILIES,
@@ -199,13 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG_TRACKING,
     )
-    tune.add_argument(
-        "--data", required=True, metavar="SOURCE", help="builtin:NAME or a .csv / .parquet path"
-    )
-    tune.add_argument("--target", required=True, metavar="COLUMN", help="the column to predict")
-    tune.add_argument(
-        "--model-name", metavar="NAME", help="registered model (default: data set name)"
-    )
+    _add_data(tune)
     tune.add_argument(
         "--n-trials", required=True, type=_positive_int, metavar="N", help="trials to add"
     )

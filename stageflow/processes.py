@@ -71,7 +71,9 @@ def spawn(
     """Start ``args`` in a process group of its own, output appended to ``log_path``.
 
     With ``tie_to_parent`` the child gets SIGTERM if this process dies, even by
-    SIGKILL; a detached server passes False.
+    SIGKILL; a detached server passes False. Linux ties this to the *thread* that
+    started the child: a child spawned from a worker thread gets SIGTERM when that
+    thread ends, so stop such children before the thread returns.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
