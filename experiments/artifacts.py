@@ -6,6 +6,7 @@ so both kinds of run look alike in the MLflow UI and the registry.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import subprocess
@@ -15,13 +16,16 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
+import numpy as np
 import pandas as pd
 import skops.io
 from mlflow.data.code_dataset_source import CodeDatasetSource
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 
 from experiments import evaluate
 from experiments.data import BUILTIN_PREFIX, Splits
+from experiments.families import split_columns
+from serving import guarded_model
 from stageflow.errors import StageflowError
 
 logger = logging.getLogger(__name__)
@@ -149,23 +153,63 @@ def log_evaluation(pipeline, splits: Splits, task: str, seed: int) -> dict[str, 
     return scores
 
 
-def log_pipeline(pipeline, X_train: pd.DataFrame, model_name: str):
-    """Log the fitted pipeline (skops, exact trusted types) and register a new version.
+def log_pipeline(pipeline, splits: Splits, task: str, model_name: str):
+    """Log the fitted pipeline as Stageflow's guarded model and register a new version.
+
+    The pipeline is stored with skops (exact trusted types) beside the data
+    contract learned from the training split; the registered model is
+    :mod:`serving.guarded_model` (an MLflow model from code) wrapping both. It
+    logs an output signature only: the contract checks inputs, so the scoring
+    server does not enforce a schema a second time.
 
     Returns:
         MLflow's ``ModelInfo``; ``registered_model_version`` is the new version.
     """
-    example = X_train.head(INPUT_EXAMPLE_ROWS)
-    # The schema comes from the whole training split, so optional (null-bearing) columns
-    # are known as such even when the few example rows have no gaps.
-    signature = infer_signature(X_train, pipeline.predict(example))
-    return mlflow.sklearn.log_model(
-        pipeline,
-        name=MODEL_ARTIFACT,
-        serialization_format="skops",
-        skops_trusted_types=trusted_types(pipeline),
-        signature=signature,
-        input_example=example,
-        pip_requirements=pinned_requirements(),
-        registered_model_name=model_name,
+    X_train, y_train = splits.X_train, splits.y_train
+    numeric, _ = split_columns(X_train)
+    contract = guarded_model.learn_contract(
+        X_train, y_train, task, numeric, trusted_types(pipeline)
     )
+    contract["fast_path"] = fast_path_agrees(pipeline, contract, X_train)
+    example = X_train.head(INPUT_EXAMPLE_ROWS)
+    outputs = infer_signature(example, pipeline.predict(example)).outputs
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline_path = Path(tmp) / "pipeline.skops"
+        skops.io.dump(pipeline, pipeline_path)
+        contract_path = Path(tmp) / "contract.json"
+        contract_path.write_text(json.dumps(contract, ensure_ascii=False, indent=1))
+        return mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=Path(guarded_model.__file__),
+            artifacts={
+                guarded_model.PIPELINE: str(pipeline_path),
+                guarded_model.CONTRACT: str(contract_path),
+            },
+            model_config=dict(guarded_model.DEFAULT_POLICY),
+            signature=ModelSignature(outputs=outputs),
+            input_example=example,
+            pip_requirements=pinned_requirements(),
+            registered_model_name=model_name,
+        )
+
+
+def fast_path_agrees(pipeline, contract: dict, X: pd.DataFrame, rows: int = 5000) -> bool:
+    """Whether the guarded model's numpy preprocessing gives the pipeline's own answers.
+
+    Checked on (up to ``rows`` of) the training split when the model is logged;
+    if it does not agree, or the pipeline has a shape it does not compile, the
+    model runs the pipeline itself.
+    """
+    model = guarded_model.GuardedModel().setup(pipeline, contract)
+    if model.fast is None:
+        logger.info("the pipeline has no fast path; the guarded model runs it as it is")
+        return False
+    sample = X.head(rows)
+    numeric, categorical, _ = model.guard.check(sample)
+    fast = model._scores(numeric, categorical, sample)
+    model.fast = None
+    reference = model._scores(numeric, categorical, sample)
+    agrees = fast.shape == reference.shape and np.allclose(fast, reference, rtol=1e-9, atol=1e-12)
+    if not agrees:
+        logger.warning("the fast path disagrees with the pipeline; the model runs the pipeline")
+    return bool(agrees)

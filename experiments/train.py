@@ -121,7 +121,7 @@ def train(
         logger.info("fitted in %.1fs; evaluating and logging plots", time.perf_counter() - started)
         scores = artifacts.log_evaluation(pipeline, splits, task, seed)
         logger.info("logging and registering the model as %s", model_name)
-        info = artifacts.log_pipeline(pipeline, splits.X_train, model_name)
+        info = artifacts.log_pipeline(pipeline, splits, task, model_name)
         version = str(info.registered_model_version)
         primary, _ = evaluate.PRIMARY_METRIC[task]
         client = mlflow.MlflowClient()

@@ -349,7 +349,7 @@ def _conclude(study, job: StudyJob, model_name, X, splits, direction, already) -
     pipeline = families.build(family, job.task, X, job.seed, params)
     pipeline.fit(splits.X_train, splits.y_train)
     scores = artifacts.log_evaluation(pipeline, splits, job.task, job.seed)
-    info = artifacts.log_pipeline(pipeline, splits.X_train, model_name)
+    info = artifacts.log_pipeline(pipeline, splits, job.task, model_name)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for key, value in {

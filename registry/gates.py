@@ -37,6 +37,7 @@ from experiments.evaluate import PRIMARY_METRIC
 from registry import ledger
 from registry._stages import PRODUCTION, STAGING, current_version
 from registry.policy import TASK_METRICS, Policy
+from serving import guarded_model
 
 logger = logging.getLogger(__name__)
 
@@ -193,13 +194,15 @@ def schema_compatible(ctx: GateContext) -> CheckResult:
     if champion is None:
         return CheckResult(name, True, "no Production version to stay compatible with")
     try:
-        old = _input_columns(ctx.model, champion)
-        new = _input_columns(ctx.model, str(ctx.version.version))
-    except Exception as exc:  # noqa: BLE001 - an unreadable signature is the verdict
-        return CheckResult(name, False, f"could not read the signatures: {_first_line(exc)}")
+        old = guarded_model.input_columns(ctx.load(champion))
+        new = guarded_model.input_columns(ctx.load(str(ctx.version.version)))
+    except Exception as exc:  # noqa: BLE001 - an unreadable contract is the verdict
+        return CheckResult(name, False, f"could not read the input columns: {_first_line(exc)}")
     if old is None or new is None:
         which = champion if old is None else ctx.version.version
-        return CheckResult(name, False, f"version {which} has no input signature to compare")
+        return CheckResult(
+            name, False, f"version {which} has no data contract or input signature to compare"
+        )
     breaking = []
     for column, (kind, _) in old.items():
         if column not in new:
@@ -401,16 +404,6 @@ ROLLBACK_GATE: tuple[Check, ...] = (loads_and_predicts,)
 def run(ctx: GateContext, checks: tuple[Check, ...]) -> list[CheckResult]:
     """Run every check (a refusal reports all of them, not only the first failure)."""
     return [check(ctx) for check in checks]
-
-
-def _input_columns(model: str, version: str) -> dict[str, tuple[str, bool]] | None:
-    signature = mlflow.models.get_model_info(f"models:/{model}/{version}").signature
-    if signature is None or signature.inputs is None or not signature.inputs.has_input_names():
-        return None
-    return {
-        str(spec.name): (getattr(spec.type, "name", str(spec.type)), spec.required)
-        for spec in signature.inputs.inputs
-    }
 
 
 def _timings_ms(model, frame: pd.DataFrame, repeats: int) -> list[float]:

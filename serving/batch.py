@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from experiments.data import FILE_SUFFIXES, file_digest
 from registry import PRODUCTION, current_version
 from registry._stages import require_model
+from serving import guarded_model
 from stageflow import tracking
 from stageflow.errors import StageflowError, UsageError
 
@@ -37,6 +38,7 @@ DEFAULT_CHUNK_ROWS = 50_000
 # missing would otherwise come back as floats); numbers are left to the model's
 # schema, so a bad value is reported with its rows.
 CSV_DTYPES = {"string": "str"}
+NUMBER_TYPES = ("double", "float", "long", "integer")
 
 
 @dataclass
@@ -90,13 +92,9 @@ def score(
             f"`stageflow promote --model {model} --version V --to Production`"
         )
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}")
-    schema = pyfunc.metadata.get_input_schema()
-    columns = schema.input_names() if schema is not None else None
-    dtypes = (
-        {c.name: CSV_DTYPES[c.type.name] for c in schema.inputs if c.type.name in CSV_DTYPES}
-        if schema is not None
-        else {}
-    )
+    spec = guarded_model.input_columns(pyfunc)
+    columns = list(spec) if spec is not None else None
+    dtypes = {c: CSV_DTYPES[kind] for c, (kind, _) in (spec or {}).items() if kind in CSV_DTYPES}
 
     started = time.perf_counter()
     rows = 0
@@ -112,14 +110,12 @@ def score(
                     )
             if chunk.empty:
                 continue
+            numbers = [c for c, (kind, _) in (spec or {}).items() if kind in NUMBER_TYPES]
+            features = _as_numbers(chunk[columns] if columns else chunk, numbers, input_path, rows)
             try:
-                predictions = pyfunc.predict(chunk[columns] if columns else chunk)
+                predictions = pyfunc.predict(features)
             except MlflowException as exc:
-                first = exc.message.strip().splitlines()[0][:300]
-                raise UsageError(
-                    f"{input_path} rows {rows + 1}-{rows + len(chunk)} "
-                    f"do not fit the model: {first}"
-                ) from None
+                raise UsageError(_refusal(input_path, exc, rows, len(chunk))) from None
             out = chunk.copy()
             out[PREDICTION_COLUMN] = _one_column(predictions)
             out[VERSION_COLUMN] = int(version)
@@ -218,3 +214,33 @@ class _Writer:
         if self._pq is not None:
             self._pq.close()
             self._pq = None
+
+
+def _as_numbers(frame: pd.DataFrame, numbers: list[str], path: Path, done: int) -> pd.DataFrame:
+    """Numeric columns a CSV reader left as text (one bad cell does that) as numbers.
+
+    Raises:
+        UsageError: naming the first row and column whose text is not a number.
+    """
+    converted = {}
+    for name in numbers:
+        if pd.api.types.is_numeric_dtype(frame[name]):
+            continue
+        values = pd.to_numeric(frame[name], errors="coerce")
+        bad = (values.isna() & frame[name].notna()).to_numpy()
+        if bad.any():
+            row = done + int(bad.argmax()) + 1
+            raise UsageError(f"{path} row {row}: column {name!r} holds text, not a number")
+        converted[name] = values
+    return frame.assign(**converted) if converted else frame
+
+
+def _refusal(input_path: Path, exc: MlflowException, done: int, chunk_rows: int) -> str:
+    """One line saying which row of the file the model refused, and why."""
+    body = getattr(exc, "body", None)  # the guarded model's error: names row and column
+    if body is not None and "row" in body:
+        # Data rows of the file count from 1, like a spreadsheet's rows under the header.
+        detail = body["message"].split(", ", 1)[-1]
+        return f"{input_path} row {done + body['row'] + 1}: {detail} ({body['problem']})"
+    first = (body or {}).get("message") or exc.message.strip().splitlines()[0][:300]
+    return f"{input_path} rows {done + 1}-{done + chunk_rows} do not fit the model: {first}"

@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from experiments.artifacts import ALLOWED_TRUSTED_TYPES
 from experiments.train import train
+from serving import guarded_model
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +65,11 @@ def test_training_logs_a_reviewable_run_and_registers_a_version(
     assert version.run_id == result.run_id
     assert version.tags["stageflow.family"] == family
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{result.version}")
-    assert model.metadata.flavors["sklearn"]["serialization_format"] == "skops"
+    # Stageflow's guarded model: a model from code around the pipeline, stored with skops.
+    pyfunc = model.metadata.flavors["python_function"]
+    assert pyfunc["artifacts"]["pipeline"]["path"].endswith(".skops")
+    trusted = model.unwrap_python_model().contract["skops_trusted_types"]
+    assert set(trusted) <= ALLOWED_TRUSTED_TYPES  # exact types, never blanket pickle
     assert len(model.predict(model.input_example)) == len(model.input_example)
 
 
@@ -96,9 +102,9 @@ def test_korean_columns_with_categories_and_gaps_go_through_to_the_registered_mo
 
     assert result.task == "classification"
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{result.version}")
-    schema = {col.name: col for col in model.metadata.get_input_schema().inputs}
-    assert set(schema) == {"나이", "도시 이름", "월 소득"}
-    assert not schema["나이"].required  # the training data had gaps here
+    columns = guarded_model.input_columns(model)
+    assert set(columns) == {"나이", "도시 이름", "월 소득"}
+    assert columns["나이"] == ("double", False)  # the training data had gaps here
     request = pd.DataFrame(
         {"나이": [None, 40.0], "도시 이름": [None, "서울"], "월 소득": [280.0, 350.0]}
     )

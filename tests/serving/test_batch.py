@@ -81,6 +81,6 @@ def test_values_that_do_not_fit_the_schema_name_the_rows(production, wine_featur
     bad = wine_features.astype({"proline": object})
     bad.loc[bad.index[50], "proline"] = "lots"
     bad.to_csv(source, index=False)
-    with pytest.raises(UsageError, match="rows 41-80 do not fit the model"):
+    with pytest.raises(UsageError, match="row 51: column 'proline' holds text, not a number"):
         score(production, source, out, chunk_rows=40)
     assert not out.exists()
