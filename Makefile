@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stageflow-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test unit lint format bench bench-tuning ui-deps clean
+.PHONY: demo test unit lint format bench bench-tuning bench-serving bench-deps ui-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ bench: $(STAMP)
 
 bench-tuning: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/tuning_overhead.py
+
+# Needs wrk: `make bench-deps`.
+bench-serving: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/serving_throughput.py
+
+# The HTTP load generator for bench-serving (Debian/Ubuntu; sudo unless root).
+bench-deps:
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y wrk
 
 # Headless Chromium and its WebDriver for tests/test_ui.py (Debian/Ubuntu; sudo unless root).
 ui-deps:

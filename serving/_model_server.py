@@ -1,16 +1,26 @@
-"""One model version's server: ``mlflow models serve`` on a slot, and the proof that it works."""
+"""One model server: ``mlflow models serve`` as one replica of a version, and its proof of work."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-import threading
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import requests
 from mlflow.models import Model
 from mlflow.models.utils import SERVING_INPUT_PATH, load_serving_example
 
-from serving._slots import Slot
+# The variable MLflow's scoring server reads (JSON) and hands to the pyfunc's
+# load_model as model_config; imported, so a rename in MLflow fails loudly here.
+from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
+
+from serving._slots import Replica, Slot
 from stageflow import processes
 from stageflow.errors import StageflowError
 
@@ -19,17 +29,18 @@ logger = logging.getLogger(__name__)
 VERSION_HEADER = "X-Model-Version"
 START_TIMEOUT_S = 120.0
 EXAMPLE_TIMEOUT_S = 60.0
-
-
-class Stopping(Exception):  # noqa: N818 - not an error: the controller was asked to stop
-    """Raised out of a wait when the controller is asked to stop."""
+PING_TIMEOUT_S = 1.0
+# One thread per process for the math libraries: on single-row requests, OpenMP's
+# thread start-up in HistGradientBoosting cost more than the prediction itself.
+# Replicas give the parallelism instead.
+SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def model_uri(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
 
 
-def command(name: str, version: str, slot: Slot) -> list[str]:
+def command(name: str, version: str, replica: Replica) -> list[str]:
     return [
         processes.bin_path("mlflow"),
         "models",
@@ -39,88 +50,98 @@ def command(name: str, version: str, slot: Slot) -> list[str]:
         "--env-manager",
         "local",
         "-h",
-        slot.address,
+        replica.address,
         "-p",
-        str(slot.port),
-        # One worker: uvicorn with more leaves Nagle's algorithm on for keep-alive
-        # connections (Kludex/uvicorn#3149), and one version needs one process here.
+        str(replica.port),
+        # One worker per replica: uvicorn with more leaves Nagle's algorithm on for
+        # keep-alive connections (Kludex/uvicorn#3149); the controller runs replicas
+        # as separate processes, each on its own address, instead.
         "-w",
         "1",
     ]
 
 
-def environment(tracking_uri: str, version: str) -> dict[str, str]:
+def environment(
+    tracking_uri: str, version: str, model_config: dict[str, Any] | None = None
+) -> dict[str, str]:
     """The child's environment: this venv first on PATH, and the version on every answer.
 
     ``mlflow models serve`` starts ``uvicorn`` from PATH and hands it its
     environment; uvicorn reads ``UVICORN_*`` variables as options, so
     ``UVICORN_HEADERS`` adds the header to every response of that server.
+    ``model_config`` reaches the pyfunc's ``load_model`` through MLflow's
+    ``SERVING_MODEL_CONFIG``.
     """
-    return processes.venv_env(
-        {
-            "MLFLOW_TRACKING_URI": tracking_uri,
-            "MLFLOW_REGISTRY_URI": tracking_uri,
-            "UVICORN_HEADERS": f"{VERSION_HEADER}:{version}",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        }
-    )
+    extra = {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_REGISTRY_URI": tracking_uri,
+        "UVICORN_HEADERS": f"{VERSION_HEADER}:{version}",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        **SINGLE_THREADED,
+    }
+    if model_config is not None:
+        extra[SERVING_MODEL_CONFIG] = json.dumps(model_config)
+    return processes.venv_env(extra)
 
 
-def start(name: str, version: str, slot: Slot, tracking_uri: str, log_path: Path) -> None:
-    """Start ``version``'s server on ``slot`` (not routed yet); the slot records the process."""
-    slot.version, slot.log_path, slot.routed = version, log_path, False
-    slot.proc = processes.spawn(
-        command(name, version, slot),
+def start(
+    name: str,
+    version: str,
+    replica: Replica,
+    tracking_uri: str,
+    log_path: Path,
+    model_config: dict[str, Any] | None = None,
+) -> None:
+    """Start ``version``'s server as ``replica``, not ready until proved; the replica records it."""
+    replica.log_path, replica.ready = log_path, False
+    replica.started_at = time.monotonic()
+    replica.proc = processes.spawn(
+        command(name, version, replica),
         log_path=log_path,
-        env=environment(tracking_uri, version),
+        env=environment(tracking_uri, version, model_config),
     )
 
 
-def prove_ready(name: str, slot: Slot, stop: threading.Event) -> None:
-    """Wait for ``/ping``, then require 200 for the version's own serving input example.
+def prove_ready(replica: Replica, version: str, example: str | None) -> bool:
+    """One step of proving a starting replica: ``/ping``, then the version's own input example.
+
+    Does not wait: the controller calls it on every poll until it returns True,
+    and routes a version only once every replica of its slot has.
+
+    Returns:
+        False while the server does not answer ``/ping`` yet; True once it
+        answered the example with 200 (the replica is then marked ready).
 
     Raises:
-        StageflowError: the server exited, did not answer in time, answered for
-            another version, or refused its own input example.
-        Stopping: ``stop`` was set meanwhile.
+        StageflowError: the server exited, did not answer within ``START_TIMEOUT_S``,
+            answered as another version, or refused its own input example.
     """
-    version = str(slot.version)
-    try:
-        processes.wait_until(
-            lambda: stop.is_set() or _answers_ping(slot, version),
-            timeout=START_TIMEOUT_S,
-            proc=slot.proc,
-            what=f"version {version}'s model server on {slot.url}",
-            log_path=slot.log_path,
-            interval=0.2,
-        )
-    except (RuntimeError, TimeoutError) as exc:
-        # The caller names the log and shows its last lines.
-        raise StageflowError(str(exc).splitlines()[0].split("; its log:")[0]) from None
-    if stop.is_set():
-        raise Stopping
-    example = serving_example(name, version)
-    if example is None:
-        logger.warning(
-            "version %s was logged without an input example; switching on /ping alone", version
-        )
-        return
-    try:
-        answer = requests.post(
-            slot.url + "/invocations",
-            data=example.encode(),
-            headers={"Content-Type": "application/json"},
-            timeout=EXAMPLE_TIMEOUT_S,
-        )
-    except requests.RequestException as exc:
-        raise StageflowError(
-            f"version {version} did not answer its input example: {type(exc).__name__}"
-        ) from None
-    if answer.status_code != 200:
-        raise StageflowError(
-            f"version {version} answered its own input example with {answer.status_code}: "
-            f"{answer.text[:300]}"
-        )
+    what = f"version {version}'s model server on {replica.url}"
+    if not replica.alive():
+        raise StageflowError(f"{what} exited with code {replica.exit_code()} before it was ready")
+    if not _answers_ping(replica, version):
+        if time.monotonic() - replica.started_at > START_TIMEOUT_S:
+            raise StageflowError(f"{what} did not answer /ping within {START_TIMEOUT_S:.0f}s")
+        return False
+    if example is not None:
+        try:
+            answer = requests.post(
+                replica.url + "/invocations",
+                data=example.encode(),
+                headers={"Content-Type": "application/json"},
+                timeout=EXAMPLE_TIMEOUT_S,
+            )
+        except requests.RequestException as exc:
+            raise StageflowError(
+                f"{what} did not answer its input example: {type(exc).__name__}"
+            ) from None
+        if answer.status_code != 200:
+            raise StageflowError(
+                f"{what} answered its own input example with {answer.status_code}: "
+                f"{answer.text[:300]}"
+            )
+    replica.ready = True
+    return True
 
 
 def serving_example(name: str, version: str) -> str | None:
@@ -132,23 +153,45 @@ def serving_example(name: str, version: str) -> str | None:
     return load_serving_example(uri)
 
 
-def _answers_ping(slot: Slot, version: str) -> bool:
+def _answers_ping(replica: Replica, version: str) -> bool:
     try:
-        answer = requests.get(slot.url + "/ping", timeout=1.0)
+        answer = requests.get(replica.url + "/ping", timeout=PING_TIMEOUT_S)
     except requests.RequestException:
         return False
     served = answer.headers.get(VERSION_HEADER)
     if answer.status_code == 200 and served != version:
-        # Something else listens on this slot's port (or UVICORN_HEADERS was ignored):
-        # routing here would serve the wrong thing.
+        # Something else listens on this replica's port (or UVICORN_HEADERS was
+        # ignored): routing here would serve the wrong thing.
         raise StageflowError(
-            f"{slot.url} answers /ping as {VERSION_HEADER}={served!r}, expected {version}"
+            f"{replica.url} answers /ping as {VERSION_HEADER}={served!r}, expected {version}"
         )
     return answer.status_code == 200
 
 
+def stop_replica(replica: Replica) -> None:
+    """Stop one replica's process group (SIGTERM lets uvicorn finish in-flight requests)."""
+    if replica.proc is not None:
+        _end_group(replica.proc)
+    replica.clear()
+
+
 def stop(slot: Slot) -> None:
-    """Stop the slot's process group (SIGTERM lets uvicorn finish in-flight requests)."""
-    if slot.proc is not None:
-        processes.stop_group(slot.proc.pid)
+    """Stop every replica of ``slot`` at once, wait for each, and free the slot."""
+    live = [replica.proc for replica in slot.replicas if replica.proc is not None]
+    for proc in live:  # all told first, so they shut down side by side
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in live:
+        _end_group(proc)
     slot.clear()
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    # spawn() makes each server the leader of its own process group: group id == pid.
+    if proc.poll() is None:
+        processes.stop_group(proc.pid)
+    else:
+        # The leader is gone; a child it left (uvicorn) would still hold the port.
+        # Linux does not reuse the pid while that group still has members.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,17 +1,25 @@
-"""Version slots: one loopback address per live model server, and the health answer for each.
+"""Version slots and their replicas: a loopback address per model server, and its health answer.
 
 Caddy's configuration never changes while it serves (a reload drops requests
-under keep-alive load; DESIGN.md, "Serving semantics"). It lists every slot as
-an upstream and asks each slot's health port which ones may take traffic; the
-controller routes by changing that answer. A slot answers healthy only while
-the controller routes to it *and* its model server process is alive, so a
-crashed server leaves the rotation within one health interval on its own.
+under keep-alive load; DESIGN.md, "Serving semantics"). A *slot* is the place
+of one live version; it holds that version's *replicas*, each one
+``mlflow models serve`` process on a loopback address of its own (127.0.0.2,
+127.0.0.3, …). Caddy lists every replica of every slot as an upstream and asks
+each replica's address on the health port whether it may take traffic; the
+controller routes a version by changing that answer for its whole slot.
+
+A replica answers healthy only while its slot is routed, its server has proved
+that it answers (``/ping`` and the version's input example), and its process
+is alive. So a crashed replica leaves the rotation within one health interval
+on its own while its siblings keep serving, and a restarted one rejoins only
+once it has proved itself again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import socket
 import subprocess
 import threading
@@ -22,23 +30,28 @@ from pathlib import Path
 
 from stageflow.errors import StageflowError
 
-# Three slots: the serving version, the one being started, and room for one
-# more while the previous one drains.
-SLOT_ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+# Four slots: the serving version, the previous Production kept warm for a
+# rollback, the Staging version warmed for its promotion, and one being started.
+SLOT_COUNT = 4
+FIRST_ADDRESS = ipaddress.IPv4Address("127.0.0.2")
+LAST_ADDRESS = ipaddress.IPv4Address("127.0.0.254")
 HEALTH_PATH = "/slot-health"
 PORT_ATTEMPTS = 20
 
 
-@dataclass
-class Slot:
-    """One upstream of the front door: a fixed address and port, and what runs there now."""
+@dataclass(eq=False)
+class Replica:
+    """One upstream of the front door: a fixed address and port, and the process there now."""
 
     address: str
     port: int
-    version: str | None = None
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
-    routed: bool = False
+    # Proved: answered /ping and the version's input example since it last started.
+    ready: bool = False
+    started_at: float = 0.0
+    # After a failed restart, the next attempt waits until then (time.monotonic()).
+    retry_at: float = 0.0
     _probed: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _last_probe: tuple[float, bool] = (0.0, False)
 
@@ -46,32 +59,28 @@ class Slot:
     def url(self) -> str:
         return f"http://{self.address}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        proc = self.proc  # read once: the health server asks while the controller changes it
+        return proc is not None and proc.poll() is None
 
-    def healthy(self) -> bool:
-        """What the health port answers: routed here and the model server still runs."""
-        return self.routed and self.alive()
-
-    def is_free(self) -> bool:
-        return self.proc is None and not self.routed
+    def exit_code(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
 
     def clear(self) -> None:
-        self.version, self.proc, self.log_path, self.routed = None, None, None, False
+        self.proc, self.log_path, self.ready = None, None, False
+        self.started_at = self.retry_at = 0.0
 
     def record_probe(self, answer: bool) -> None:
         with self._probed:
             self._last_probe = (time.monotonic(), answer)
             self._probed.notify_all()
 
-    def wait_seen(self, healthy: bool, timeout: float) -> bool:
-        """Wait until the front door probes this slot and gets ``healthy`` as the answer.
-
-        Returns:
-            False if no such probe came within ``timeout``.
-        """
-        since = time.monotonic()
-        deadline = since + timeout
+    def wait_probe(self, healthy: bool, since: float, deadline: float) -> bool:
+        """Wait for a probe after ``since`` answered ``healthy``; False at ``deadline``."""
         with self._probed:
             while not (self._last_probe[0] > since and self._last_probe[1] == healthy):
                 remaining = deadline - time.monotonic()
@@ -81,31 +90,112 @@ class Slot:
         return True
 
 
-def make_slots() -> tuple[list[Slot], int]:
-    """A slot per address, each with a free model port, and a health port free on all of them.
+@dataclass(eq=False)
+class Slot:
+    """The place of one live version: its replicas, and whether the front door routes to it."""
+
+    replicas: list[Replica]
+    version: str | None = None
+    # Why the controller started it ("Production" or "Staging"), for its log lines.
+    role: str = ""
+    routed: bool = False
+    # Every replica proved ready once: from then on a dead replica is restarted
+    # in place, where before it meant the version failed to start.
+    proved: bool = False
+    example: str | None = None
+    started_at: float = 0.0
+    unrouted_at: float = 0.0
+
+    @property
+    def where(self) -> str:
+        """The slot's addresses, for log lines."""
+        return ", ".join(replica.address for replica in self.replicas)
+
+    @property
+    def pids(self) -> list[int]:
+        return [replica.pid for replica in self.replicas if replica.pid is not None]
+
+    def alive(self) -> bool:
+        """Some replica's process still runs."""
+        return any(replica.alive() for replica in self.replicas)
+
+    def ready(self) -> bool:
+        """Every replica has proved itself and still runs: the slot may be routed."""
+        return all(replica.ready and replica.alive() for replica in self.replicas)
+
+    def serving(self) -> int:
+        """How many replicas the front door may send requests to right now."""
+        return sum(self.healthy(replica) for replica in self.replicas)
+
+    def healthy(self, replica: Replica) -> bool:
+        """What ``replica``'s health port answers: routed, proved, and its process runs."""
+        return self.routed and replica.ready and replica.alive()
+
+    def is_free(self) -> bool:
+        return self.version is None and not any(replica.proc for replica in self.replicas)
+
+    def clear(self) -> None:
+        self.version, self.role, self.routed, self.proved = None, "", False, False
+        self.example = None
+        self.started_at = self.unrouted_at = 0.0
+        for replica in self.replicas:
+            replica.clear()
+
+    def wait_seen(self, healthy: bool, timeout: float) -> bool:
+        """Wait until the front door has probed the slot's replicas and heard ``healthy``.
+
+        With ``healthy=True`` it waits for the replicas that answer healthy now
+        (a replica that died meanwhile cannot); with False, for every replica.
+
+        Returns:
+            False if some replica was not probed so within ``timeout``.
+        """
+        since = time.monotonic()
+        deadline = since + timeout
+        expected = [r for r in self.replicas if not healthy or self.healthy(r)]
+        return all(replica.wait_probe(healthy, since, deadline) for replica in expected)
+
+
+def addresses(count: int) -> list[str]:
+    """``count`` loopback addresses from 127.0.0.2 on (Linux routes all of 127.0.0.0/8)."""
+    if FIRST_ADDRESS + (count - 1) > LAST_ADDRESS:
+        raise StageflowError(f"{count} loopback addresses do not fit in 127.0.0.2-254")
+    return [str(FIRST_ADDRESS + i) for i in range(count)]
+
+
+def make_slots(replicas: int, count: int = SLOT_COUNT) -> tuple[list[Slot], int]:
+    """``count`` slots of ``replicas`` replicas each, every replica on its own address.
+
+    Returns:
+        The slots, and a health port free on every replica's address.
 
     Raises:
-        StageflowError: the slot addresses cannot be bound (only 127.0.0.1 exists on
+        StageflowError: the addresses cannot be bound (only 127.0.0.1 exists on
             this machine's loopback interface), naming the fix.
     """
-    slots = [Slot(address, _free_port(address)) for address in SLOT_ADDRESSES]
+    taken = addresses(count * replicas)
+    slots = [
+        Slot([Replica(address, _free_port(address, taken)) for address in group])
+        for group in (taken[i : i + replicas] for i in range(0, len(taken), replicas))
+    ]
     for _ in range(PORT_ATTEMPTS):
-        candidate = _free_port(SLOT_ADDRESSES[0])
-        if all(_bindable(address, candidate) for address in SLOT_ADDRESSES):
+        candidate = _free_port(taken[0], taken)
+        if all(_bindable(address, candidate) for address in taken):
             return slots, candidate
-    raise StageflowError(f"found no port free on all of {', '.join(SLOT_ADDRESSES)}")
+    raise StageflowError(f"found no port free on all of {taken[0]} … {taken[-1]}")
 
 
-def _free_port(address: str) -> int:
+def _free_port(address: str, taken: list[str]) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((address, 0))
         except OSError as exc:
             if exc.errno == errno.EADDRNOTAVAIL:
+                last = taken[-1].rsplit(".", 1)[1]
                 raise StageflowError(
-                    f"cannot listen on {address}: serving puts each model version on its own "
-                    f"loopback address ({', '.join(SLOT_ADDRESSES)}); on macOS add them with "
-                    "`sudo ifconfig lo0 alias 127.0.0.2 up` (and .3, .4)"
+                    f"cannot listen on {address}: serving puts each model server on its own "
+                    f"loopback address ({taken[0]} … {taken[-1]}); on macOS add them with "
+                    f"`for i in $(seq 2 {last}); do sudo ifconfig lo0 alias 127.0.0.$i up; done`"
                 ) from None
             raise
         return sock.getsockname()[1]
@@ -121,7 +211,7 @@ def _bindable(address: str, port: int) -> bool:
 
 
 class HealthServer:
-    """Answers the front door's health probes on ``health_port`` of every slot address."""
+    """Answers the front door's health probes on ``port`` of every replica's address."""
 
     def __init__(self, slots: list[Slot], port: int):
         self.slots = slots
@@ -131,16 +221,17 @@ class HealthServer:
 
     def start(self) -> None:
         for slot in self.slots:
-            server = ThreadingHTTPServer((slot.address, self.port), _handler_for(slot))
-            server.daemon_threads = True
-            thread = threading.Thread(
-                target=server.serve_forever,
-                name=f"slot-health-{slot.address}",
-                daemon=True,
-            )
-            thread.start()
-            self._servers.append(server)
-            self._threads.append(thread)
+            for replica in slot.replicas:
+                server = ThreadingHTTPServer((replica.address, self.port), _handler(slot, replica))
+                server.daemon_threads = True
+                thread = threading.Thread(
+                    target=server.serve_forever,
+                    name=f"replica-health-{replica.address}",
+                    daemon=True,
+                )
+                thread.start()
+                self._servers.append(server)
+                self._threads.append(thread)
 
     def close(self) -> None:
         for server in self._servers:
@@ -153,21 +244,21 @@ class HealthServer:
         self._threads.clear()
 
 
-def _handler_for(slot: Slot) -> type[BaseHTTPRequestHandler]:
-    class SlotHealth(BaseHTTPRequestHandler):
+def _handler(slot: Slot, replica: Replica) -> type[BaseHTTPRequestHandler]:
+    class ReplicaHealth(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            healthy = slot.healthy()
+            healthy = slot.healthy(replica)
             body = (f"version {slot.version}\n" if healthy else "not routed\n").encode()
             self.send_response(200 if healthy else 503)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-            slot.record_probe(healthy)
+            replica.record_probe(healthy)
 
         def log_message(self, format: str, *args) -> None:
-            """Quiet: the front door probes every slot several times a second."""
+            """Quiet: the front door probes every replica several times a second."""
 
-    return SlotHealth
+    return ReplicaHealth

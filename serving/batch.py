@@ -61,6 +61,7 @@ def score(
     output_path: str | Path,
     tracking_uri: str | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    model_config: dict | None = None,
 ) -> ScoreResult:
     """Score ``input_path`` with the Production version of ``model`` into ``output_path``.
 
@@ -91,7 +92,8 @@ def score(
             f"{model} has no Production version; promote one with "
             f"`stageflow promote --model {model} --version V --to Production`"
         )
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}")
+    # The guarded model's policies (``unknown_category``, ``abnormal_output``), as `serve` has.
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}", model_config=model_config)
     spec = guarded_model.input_columns(pyfunc)
     columns = list(spec) if spec is not None else None
     dtypes = {c: CSV_DTYPES[kind] for c, (kind, _) in (spec or {}).items() if kind in CSV_DTYPES}

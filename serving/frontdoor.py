@@ -3,10 +3,18 @@
 Re-pointing Caddy through its admin API reloads the config, and a reload
 closes idle client connections mid-race: under keep-alive load that dropped
 4-7 of ~20,000 requests across two switches (DESIGN.md, "Serving semantics").
-So the Caddyfile is written once: every version slot is an upstream, Caddy
-actively probes each slot's health port, ``lb_policy first`` sends traffic to
-the first healthy slot, and the controller switches versions by changing which
-slot answers healthy. The admin API is off, so nothing can reload it.
+So the Caddyfile is written once: every replica of every version slot is an
+upstream, Caddy actively probes each replica's health port, ``lb_policy
+least_conn`` spreads requests over the healthy replicas, and the controller
+switches versions by changing which slot's replicas answer healthy. The admin
+API is off, so nothing can reload it.
+
+A replica that dies mid-request does not fail the request: Caddy buffers each
+request body (bounded by ``FrontDoorLimits.max_body_bytes``) and retries a
+failed ``POST`` on another replica. That is safe because a prediction has no
+side effect: sending it twice gives the same answer. A refused connection is
+retried for any request, and the failed replica is passed over for
+``FrontDoorTimings.fail_duration`` until the active health check notices.
 """
 
 from __future__ import annotations
@@ -30,19 +38,21 @@ START_TIMEOUT_S = 30.0
 
 @dataclass(frozen=True)
 class FrontDoorTimings:
-    """How quickly the front door notices a slot change, and how long a request waits for one.
+    """How quickly the front door notices a routing change, and how long a request waits.
 
     Attributes:
-        health_interval: how often Caddy probes each slot; a switch takes effect
+        health_interval: how often Caddy probes each replica; a switch takes effect
             within about one interval.
         health_timeout: a probe slower than this counts as unhealthy.
-        try_duration: how long a request waits for a healthy slot (or retries a
-            refused connection) before the client gets a 503.
+        try_duration: how long a request waits for a healthy replica (or retries one
+            that refused or dropped it) before the client gets a 503.
         try_interval: pause between those tries.
+        fail_duration: after a request to a replica failed, Caddy passes that
+            replica over for this long (the active health check takes over).
         upstream_keepalive: idle time after which Caddy closes a connection to a
             model server. Below uvicorn's 5 s keep-alive timeout, so Caddy never
-            sends a request on a connection uvicorn is closing (a POST on such a
-            connection cannot be retried and would fail as a 502).
+            sends a request on a connection uvicorn is closing (the request would
+            then need a retry).
         grace_period: on shutdown, how long in-flight requests may finish.
     """
 
@@ -50,6 +60,7 @@ class FrontDoorTimings:
     health_timeout: float = 1.0
     try_duration: float = 5.0
     try_interval: float = 0.05
+    fail_duration: float = 1.0
     upstream_keepalive: float = 2.0
     grace_period: float = 5.0
 
@@ -60,6 +71,7 @@ class FrontDoorLimits:
 
     Attributes:
         max_body_bytes: larger request bodies are answered 413 before a model sees them whole.
+            Smaller ones are buffered whole, so a request can be retried on another replica.
         read_header: time allowed to send the request line and headers.
         read_body: time allowed to send the body.
         idle: how long an idle keep-alive client connection stays open.
@@ -75,8 +87,14 @@ _TOO_LARGE_BODY = (
     '{"error_code": "REQUEST_TOO_LARGE", "message": "request body over the front door\'s '
     'limit of {limit} bytes; send fewer rows per request"}'
 )
-# What a client gets when no slot is healthy (nothing promoted yet, or the
-# serving version crashed): JSON in the shape of MLflow's own errors.
+# MLflow's scoring server answers other content types with plain text; the front
+# door answers them itself, in the same JSON shape as every other error.
+_UNSUPPORTED_BODY = (
+    '{"error_code": "UNSUPPORTED_MEDIA_TYPE", "message": "send Content-Type '
+    'application/json, text/csv or application/vnd.apache.parquet"}'
+)
+# What a client gets when no replica is healthy (nothing promoted yet, or every
+# replica of the serving version crashed): JSON in the shape of MLflow's own errors.
 _UNAVAILABLE_BODY = (
     '{"error_code": "SERVICE_UNAVAILABLE", "message": "no model version is ready to serve '
     'this request ({err.status_code} {err.status_text}); see the log of stageflow serve"}'
@@ -97,7 +115,9 @@ def render_caddyfile(
     status codes; each upstream's health) are served at
     ``http://127.0.0.1:METRICS_PORT/metrics``.
     """
-    upstreams = " ".join(f"{slot.address}:{slot.port}" for slot in slots)
+    upstreams = " ".join(
+        f"{replica.address}:{replica.port}" for slot in slots for replica in slot.replicas
+    )
     too_large = _TOO_LARGE_BODY.replace("{limit}", str(limits.max_body_bytes))
     metrics = (
         f"\nhttp://:{metrics_port} {{\n\tbind {HOST}\n\tmetrics /metrics\n}}\n"
@@ -120,7 +140,7 @@ def render_caddyfile(
 	}}
 	log {{
 		output stderr
-		# One line per probe of every unrouted slot, several a second; the
+		# One line per probe of every unrouted replica, several a second; the
 		# controller logs each switch instead.
 		exclude http.handlers.reverse_proxy.health_checker.active
 	}}
@@ -131,10 +151,25 @@ http://:{port} {{
 	request_body {{
 		max_size {limits.max_body_bytes}
 	}}
+	@unsupported {{
+		path /invocations
+		not header Content-Type application/json*
+		not header Content-Type text/csv*
+		not header Content-Type application/vnd.apache.parquet*
+	}}
+	header @unsupported Content-Type application/json
+	respond @unsupported `{_UNSUPPORTED_BODY}` 415
 	reverse_proxy {upstreams} {{
-		lb_policy first
+		lb_policy least_conn
 		lb_try_duration {_ms(timings.try_duration)}
 		lb_try_interval {_ms(timings.try_interval)}
+		# A prediction has no side effect, so a POST whose replica died mid-answer
+		# is sent again to another one; that needs the whole body kept.
+		lb_retry_match {{
+			method GET HEAD POST
+		}}
+		request_buffers {limits.max_body_bytes}
+		fail_duration {_ms(timings.fail_duration)}
 		health_uri {HEALTH_PATH}
 		health_port {health_port}
 		health_interval {_ms(timings.health_interval)}
@@ -160,7 +195,7 @@ def _ms(seconds: float) -> str:
 
 
 class FrontDoor:
-    """One Caddy process on ``127.0.0.1:port`` in front of the version slots."""
+    """One Caddy process on ``127.0.0.1:port`` in front of every replica of the version slots."""
 
     def __init__(
         self,

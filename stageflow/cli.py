@@ -32,6 +32,30 @@ def _formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
+def _add_guard_policies(parser: argparse.ArgumentParser) -> None:
+    """The guarded model's policies, the same for `serve` and `score`."""
+    parser.add_argument(
+        "--unknown-category",
+        choices=("reject", "flag"),
+        default="reject",
+        help="what the guarded model does with a category it never saw in training: reject "
+        "refuses the row naming the column (REST: 400); flag accepts it (encoded as unseen) "
+        "and counts it in the log (default: reject)",
+    )
+    parser.add_argument(
+        "--abnormal-output",
+        choices=("reject", "clip"),
+        default="reject",
+        help="what it does with a prediction outside the training target's range (regression) "
+        "or invalid probabilities: reject refuses it (REST: 422); clip clips regression "
+        "predictions into range and counts them (default: reject)",
+    )
+
+
+def _guard_config(args) -> dict:
+    return {"unknown_category": args.unknown_category, "abnormal_output": args.abnormal_output}
+
+
 def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri",
@@ -350,13 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve the Production version behind a front door on 127.0.0.1:PORT. The controller "
             "polls the registry; a promotion or rollback switches what is served within seconds, "
-            "without a restart. Every /invocations answer carries X-Model-Version. Ctrl-C stops "
-            "everything it started."
+            "without a restart. The previous Production stays warm for a rollback, and the "
+            "Staging version is started ahead of its promotion, so either switch is immediate. "
+            "Each version runs as several replicas; one that dies is restarted while the others "
+            "serve. Every /invocations answer carries X-Model-Version. Ctrl-C stops everything "
+            "it started."
         ),
         epilog=EPILOG_TRACKING,
     )
     serve.add_argument("--model", required=True, metavar="NAME")
     serve.add_argument("--port", type=_port, default=8080, help="public port (default 8080)")
+    serve.add_argument(
+        "--replicas",
+        type=_positive_int,
+        metavar="N",
+        help="model server processes per live version, balanced by the front door (default: "
+        "this machine's CPU cores, at most 4). Each answers on one thread, so one per core "
+        "uses the machine; each also holds its own copy of the model, for the served version, "
+        "its rollback standby and the warm Staging version alike, hence the cap",
+    )
+    _add_guard_policies(serve)
     serve.add_argument(
         "--metrics-port",
         type=_port,
@@ -382,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--chunk-rows", type=_positive_int, default=50_000, help="rows per chunk (default 50000)"
     )
+    _add_guard_policies(score)
     _add_tracking(score)
     _add_json(score)
 
@@ -623,7 +661,12 @@ def cmd_serve(args) -> int:
     from serving.controller import serve  # noqa: PLC0415
 
     serve(
-        args.model, port=args.port, tracking_uri=args.tracking_uri, metrics_port=args.metrics_port
+        args.model,
+        port=args.port,
+        tracking_uri=args.tracking_uri,
+        metrics_port=args.metrics_port,
+        replicas=args.replicas,
+        model_config=_guard_config(args),
     )
     return 0
 
@@ -631,7 +674,14 @@ def cmd_serve(args) -> int:
 def cmd_score(args) -> int:
     from serving.batch import score  # noqa: PLC0415
 
-    result = score(args.model, args.input, args.output, args.tracking_uri, args.chunk_rows)
+    result = score(
+        args.model,
+        args.input,
+        args.output,
+        args.tracking_uri,
+        args.chunk_rows,
+        model_config=_guard_config(args),
+    )
     human = (
         f"scored {result.rows} rows with {result.model} version {result.version} "
         f"in {result.seconds:.1f}s → {result.output}"

@@ -1,4 +1,7 @@
-"""``serve`` for real: tracking server, ``mlflow models serve`` per version, Caddy in front."""
+"""``serve`` for real: tracking server, ``mlflow models serve`` replicas, Caddy in front.
+
+Tests where replicas are not the point run one replica per version, to stay fast.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ import requests
 
 from experiments import data
 from experiments.train import train
-from registry._stages import PRODUCTION, move
+from registry._stages import PRODUCTION, STAGING, move
+from serving._slots import Replica
 from serving.controller import VERSION_HEADER, BackgroundServe, Controller
 from serving.frontdoor import FrontDoorLimits, FrontDoorTimings
 from stageflow import processes
+from tests.helpers import processes_mentioning
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +35,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
 # A new version's server needs ~10 s to start on a 2-CPU laptop; more under load.
 SWITCH_TIMEOUT_S = 45.0
+# A warm version's promotion is a front-door switch: the next poll (0.5 s here)
+# plus one health probe (0.25 s), well under 2 s. The assertion allows 1 s more
+# because this 2-core machine runs the load threads and other work beside it.
+WARM_SWITCH_S = 2.0
+LOADED_MACHINE_MARGIN_S = 1.0
 WINE_CLASSES = {0, 1, 2}
 
 
@@ -45,6 +55,18 @@ def wine_model(tracking_server):
 @pytest.fixture
 def client(tracking_uri):
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def copy_versions(
+    client, source_name: str, versions: list[str], stem: str
+) -> tuple[str, list[str]]:
+    """A fresh model whose versions copy ``source_name``'s (real artifacts, no training)."""
+    name = f"{stem}-{uuid.uuid4().hex[:6]}"
+    copied = [
+        client.copy_model_version(f"models:/{source_name}/{version}", name).version
+        for version in versions
+    ]
+    return name, copied
 
 
 @pytest.fixture
@@ -138,7 +160,7 @@ def test_serve_switches_on_promotion_and_rollback_without_dropping_requests(
 ):
     name, v1, v2 = wine_model
     move(client, name, v1, PRODUCTION)
-    running = start_serving(name)
+    running = start_serving(name, replicas=1)
     assert running.wait_serving(timeout=START_TIMEOUT_S) == v1
 
     answer = predict(running.url, wine_request)
@@ -196,8 +218,8 @@ def test_serve_waits_for_a_production_version_then_serves_it(
     caplog.set_level(logging.INFO, logger="serving.controller")
     waiting = f"no Production version of {name} yet; waiting"
 
-    # A request finds no healthy slot and waits try_duration before its 503; keep that short.
-    running = start_serving(name, timings=FrontDoorTimings(try_duration=1.0))
+    # A request finds no healthy replica and waits try_duration before its 503; keep that short.
+    running = start_serving(name, replicas=1, timings=FrontDoorTimings(try_duration=1.0))
     processes.wait_until(
         lambda: any(waiting in message for message in caplog.messages),
         timeout=30,
@@ -222,24 +244,121 @@ def test_a_killed_model_server_is_restarted_and_serving_resumes(
 ):
     name, v1, _ = wine_model
     move(client, name, v1, PRODUCTION)
-    running = start_serving(name)
+    running = start_serving(name, replicas=1)
     assert running.wait_serving(timeout=START_TIMEOUT_S) == v1
     controller: Controller = running.controller
-    killed = controller._active.proc.pid
+    (replica,) = controller._active.replicas
+    killed = replica.pid
 
-    os.killpg(os.getpgid(killed), signal.SIGKILL)
+    os.killpg(killed, signal.SIGKILL)
 
     processes.wait_until(
-        lambda: (
-            controller._active is not None
-            and controller._active.alive()
-            and controller._active.proc.pid != killed
-        ),
+        lambda: replica.ready and replica.alive() and replica.pid != killed,
         timeout=START_TIMEOUT_S,
         what="the restarted model server",
     )
     wait_for_version(running.url, wine_request, v1, SWITCH_TIMEOUT_S)
+    assert controller.serving_version == v1
     assert not processes.group_alive(killed)
+
+
+def answered(replica: Replica) -> int:
+    """How many /invocations this replica's server answered (uvicorn's access log)."""
+    return replica.log_path.read_text(errors="replace").count('"POST /invocations HTTP/1.1" 200')
+
+
+def test_replicas_share_the_load_and_a_killed_one_drops_nothing_and_is_restarted(
+    wine_model, client, wine_request, start_serving, caplog
+):
+    name, (version,) = copy_versions(client, wine_model[0], [wine_model[1]], "serve-replicas")
+    move(client, name, version, PRODUCTION)
+    caplog.set_level(logging.INFO, logger="serving.controller")
+    running = start_serving(name, replicas=2)
+    assert running.wait_serving(timeout=START_TIMEOUT_S) == version
+    controller: Controller = running.controller
+    first, second = controller._active.replicas
+    assert first.pid != second.pid
+    assert first.address != second.address
+    proved = {replica.address: answered(replica) for replica in (first, second)}
+
+    with Load(running.url, wine_request, clients=3) as load:
+        # The front door balances (least_conn): both replicas answer requests.
+        processes.wait_until(
+            lambda: all(answered(r) >= proved[r.address] + 5 for r in (first, second)),
+            timeout=30,
+            what="requests answered by both replicas",
+        )
+        killed = second.pid
+        os.killpg(killed, signal.SIGKILL)
+        processes.wait_until(
+            lambda: second.ready and second.alive() and second.pid != killed,
+            timeout=START_TIMEOUT_S,
+            what="the restarted replica",
+        )
+        # Once it has proved itself again it takes requests again.
+        back = answered(second)
+        processes.wait_until(
+            lambda: answered(second) >= back + 5, timeout=30, what="the restarted replica's answers"
+        )
+
+    assert load.failures == [], f"{len(load.failures)} of {len(load.answers)} requests failed"
+    assert {served for _, served in load.answers} == {version}
+    assert not processes.group_alive(killed)
+    assert first.alive(), "the replica that was not killed kept running"
+    assert any(
+        f"replica on {second.address} exited with code" in message and "restarting it" in message
+        for message in caplog.messages
+    )
+
+
+def test_a_staging_version_is_warmed_and_its_promotion_switches_at_once(
+    wine_model, client, wine_request, start_serving, caplog
+):
+    source, v1, v2 = wine_model
+    name, (a, b, c) = copy_versions(client, source, [v1, v2, v1], "serve-staging")
+    move(client, name, a, PRODUCTION)
+    caplog.set_level(logging.INFO, logger="serving.controller")
+    running = start_serving(name, replicas=1)
+    assert running.wait_serving(timeout=START_TIMEOUT_S) == a
+    controller: Controller = running.controller
+
+    def servers_of(version: str) -> list[int]:
+        return processes_mentioning(f"models:/{name}/{version} ")
+
+    move(client, name, b, STAGING)
+    processes.wait_until(
+        lambda: controller.staging_version == b, timeout=START_TIMEOUT_S, what="warm Staging"
+    )
+    assert servers_of(b), "the Staging version's server runs"
+    # Warm means running but unrouted: the front door still answers from Production only.
+    assert {predict(running.url, wine_request).headers[VERSION_HEADER] for _ in range(20)} == {a}
+    # Staging moves on: the new version is warmed, the one it replaced stops.
+    move(client, name, c, STAGING)
+    processes.wait_until(
+        lambda: controller.staging_version == c, timeout=START_TIMEOUT_S, what="warm Staging"
+    )
+    processes.wait_until(lambda: not servers_of(b), timeout=30, what=f"version {b} to stop")
+    started = list(controller.started_pids)
+
+    with Load(running.url, wine_request, clients=4) as load:
+        time.sleep(0.5)  # the clients are sending
+        move(client, name, c, PRODUCTION)
+        changed = time.monotonic()  # the alias the controller reads is what `move` sets last
+        while not any(version == c for _, version in load.answers):
+            assert time.monotonic() - changed < SWITCH_TIMEOUT_S, f"version {c} never answered"
+            time.sleep(0.02)
+        switch_seconds = time.monotonic() - changed
+        time.sleep(0.5)  # a few more requests after the switch
+
+    assert load.failures == [], f"{len(load.failures)} of {len(load.answers)} requests failed"
+    assert {version for _, version in load.answers} == {a, c}
+    assert switch_seconds < WARM_SWITCH_S + LOADED_MACHINE_MARGIN_S, f"{switch_seconds:.1f}s"
+    # The promotion started no server: it was a front-door switch to the warm one.
+    assert controller.started_pids == started
+    assert (controller.serving_version, controller.standby_version) == (c, a)
+    assert controller.staging_version is None
+    assert any(f"version {c} (Staging) is warm on" in m for m in caplog.messages)
+    assert any(f"stopped version {b} on" in m for m in caplog.messages)
 
 
 SERVE_SCRIPT = textwrap.dedent(
@@ -250,7 +369,7 @@ SERVE_SCRIPT = textwrap.dedent(
 
     logging.basicConfig(level=logging.INFO)
     serve(sys.argv[1], int(sys.argv[2]), tracking_uri=sys.argv[3], home=Path(sys.argv[4]),
-          poll_interval=0.5)
+          poll_interval=0.5, replicas=int(sys.argv[5]))
     """
 )
 
@@ -281,7 +400,7 @@ def test_sigterm_stops_the_front_door_and_every_model_server(
     }
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE_SCRIPT, name, str(port), tracking_uri, str(tmp_path)],
+            [sys.executable, "-c", SERVE_SCRIPT, name, str(port), tracking_uri, str(tmp_path), "2"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -299,7 +418,7 @@ def test_sigterm_stops_the_front_door_and_every_model_server(
         )
         wait_for_version(url, wine_request, v1, START_TIMEOUT_S)
         children = children_of(proc.pid)
-        assert len(children) == 2, f"expected Caddy and one model server: {children}"
+        assert len(children) == 3, f"expected Caddy and two model server replicas: {children}"
         caddyfile = next((tmp_path / "serve").glob("*/Caddyfile")).read_text()
 
         proc.send_signal(signal.SIGTERM)
