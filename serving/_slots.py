@@ -99,8 +99,9 @@ class Slot:
     # Why the controller started it ("Production" or "Staging"), for its log lines.
     role: str = ""
     routed: bool = False
-    # Every replica proved ready once: from then on a dead replica is restarted
-    # in place, where before it meant the version failed to start.
+    # A replica proved ready: the slot may be routed. From then on a replica that
+    # dies or fails its proof is restarted in place, where before it meant the
+    # version failed to start.
     proved: bool = False
     example: str | None = None
     started_at: float = 0.0

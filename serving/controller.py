@@ -405,7 +405,12 @@ class Controller:
             self.serving.clear()
 
     def _advance_start(self, slot: Slot) -> None:
-        """Take each replica of a starting version one step; the slot is proved once all are."""
+        """Take each replica of a starting version one step; the slot is proved once one is.
+
+        A cold version is switched to as soon as one replica answers its example
+        (on two busy cores, waiting for all of them doubled the time to switch);
+        the others join the rotation as each proves itself (see ``_tend_replica``).
+        """
         for replica in slot.replicas:
             if replica.ready:
                 continue
@@ -414,7 +419,7 @@ class Controller:
             except StageflowError as exc:
                 self._give_up_on(slot, exc, replica)
                 return
-        if all(replica.ready for replica in slot.replicas):
+        if any(replica.ready for replica in slot.replicas):
             slot.proved = True
 
     def _tend_replica(self, slot: Slot, replica: Replica) -> None:
@@ -431,7 +436,7 @@ class Controller:
             try:
                 if _model_server.prove_ready(replica, str(slot.version), slot.example):
                     logger.info(
-                        "version %s's replica on %s is ready again (restarted in %.1fs)%s",
+                        "version %s's replica on %s is ready (started %.1fs ago)%s",
                         slot.version,
                         replica.address,
                         time.monotonic() - replica.started_at,
