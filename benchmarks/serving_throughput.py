@@ -76,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", default="lr", help="model family (default lr)")
     parser.add_argument("--replicas", type=int, default=None, help="stageflow serve replicas")
     parser.add_argument("--skip-switch", action="store_true", help="no switch measurement")
+    parser.add_argument(
+        "--skip-throughput", action="store_true", help="only the switch measurement"
+    )
+    parser.add_argument(
+        "--switch-rate",
+        type=float,
+        default=200.0,
+        help="steady load during the switches, requests/s over all clients (default 200)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: `make bench-deps` (Debian: apt-get install wrk)")
@@ -129,11 +138,15 @@ def main(argv: list[str] | None = None) -> int:
                     json.dumps({"dataframe_split": frame.to_dict("split", index=False)})
                 )
                 bodies[n] = path
-            results = measure(urls, bodies, connections, args.seconds, home)
+            results = (
+                []
+                if args.skip_throughput
+                else measure(urls, bodies, connections, args.seconds, home)
+            )
             switch = (
                 {}
                 if args.skip_switch
-                else measure_switch(serve, client, name, [v1, v2, v3], bodies)
+                else measure_switch(serve, client, name, [v1, v2, v3], bodies, args.switch_rate)
             )
         finally:
             if serve is not None:
@@ -264,7 +277,9 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def measure_switch(serve, client, name: str, versions: list[str], bodies: dict) -> dict:
+def measure_switch(
+    serve, client, name: str, versions: list[str], bodies: dict, rate: float
+) -> dict:
     """Under keep-alive load: promote ``v2`` (warm in Staging), roll back to ``v1`` (the warm
     standby), then promote ``v3`` straight to Production (cold: never warmed)."""
     v1, v2, v3 = versions
@@ -277,9 +292,15 @@ def measure_switch(serve, client, name: str, versions: list[str], bodies: dict) 
     answers: list[tuple[float, int | str, str | None]] = []
     stop = threading.Event()
 
+    clients = 8
+    interval = clients / rate  # each client's pace: a steady load, not a flood
+
     def post() -> None:
+        next_at = time.monotonic()
         with requests.Session() as session:
             while not stop.is_set():
+                next_at += interval
+                time.sleep(max(0.0, next_at - time.monotonic()))
                 try:
                     r = session.post(
                         serve.url + "/invocations",
@@ -291,7 +312,8 @@ def measure_switch(serve, client, name: str, versions: list[str], bodies: dict) 
                 except requests.RequestException as exc:
                     answers.append((time.monotonic(), type(exc).__name__, None))
 
-    threads = [threading.Thread(target=post, daemon=True) for _ in range(8)]
+    threads = [threading.Thread(target=post, daemon=True) for _ in range(clients)]
+    began = time.monotonic()
     for thread in threads:
         thread.start()
     try:
@@ -324,6 +346,8 @@ def measure_switch(serve, client, name: str, versions: list[str], bodies: dict) 
     failed = [a for a in answers if a[1] != 200]
     return {
         "clients": len(threads),
+        "target_rate": rate,
+        "achieved_rate": round(len(answers) / (time.monotonic() - began), 1),
         "requests": len(answers),
         "failed": len(failed),
         "failures": [str(a[1]) for a in failed[:20]],
@@ -380,7 +404,8 @@ def print_ratios(results: list, connections: list[int], switch: dict) -> None:
     print(f"goals: ≥{THROUGHPUT_GOAL}× stock at 8 conns; p50 ≤{LATENCY_GOAL}× noop at 1 conn")
     if switch:
         print(
-            f"switch under load ({switch['clients']} keep-alive clients, {switch['requests']} "
+            f"switch under load ({switch['clients']} keep-alive clients, "
+            f"{switch['achieved_rate']} req/s, {switch['requests']} "
             f"requests): {switch['failed']} failed; first answer from the new version after: "
             f"warm promotion {switch['promotion']['first_new_answer_s']} s, rollback "
             f"{switch['rollback']['first_new_answer_s']} s (goal ≤{SWITCH_GOAL_S} s), cold "
