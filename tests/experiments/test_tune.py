@@ -135,7 +135,11 @@ def test_every_trial_is_a_run_nested_under_the_study_run_and_the_best_is_registe
     assert version.run_id == result.parent_run_id
     assert version.tags["stageflow.kind"] == "tune"
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{result.version}")
-    assert model.metadata.flavors["sklearn"]["serialization_format"] == "skops"
+    # The guarded model train registers too: the refit pipeline (skops) behind its contract.
+    assert model.metadata.flavors["python_function"]["artifacts"]["pipeline"]["path"].endswith(
+        ".skops"
+    )
+    assert model.unwrap_python_model().contract["task"] == "classification"
     assert len(model.predict(model.input_example)) == len(model.input_example)
 
 
