@@ -8,8 +8,12 @@ folder, runs the measurements below, prints a table, writes the figures as JSON 
   given the same history) of a fast model, run with and without MLflow logging, in
   alternating rounds so load from other programs falls on every variant alike:
     - ``off``: no MLflow at all (Optuna and SQLite only);
-    - ``stageflow``: what ``stageflow tune`` does: one run per trial, three tracking
-      calls (create, one ``log_batch``, terminate) made by a background thread;
+    - ``stageflow``: what ``stageflow tune`` does: one run per trial, written when
+      the trial ends in three tracking calls (create with every tag, one
+      ``log_batch``, update with the status) made by a background thread as plain
+      REST requests on one keep-alive session;
+    - ``mlflow-client``: the same, the calls made through ``MlflowClient`` (not in
+      the default list: what the lean client saves);
     - ``inline``: the same three calls, each trial waiting for them;
     - ``per-value``: one call per param and per metric, each trial waiting (what
       logging with ``mlflow.log_param``/``log_metric`` in the objective costs);
@@ -51,19 +55,36 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 DATA, TARGET = "builtin:breast_cancer", "target"
 OVERHEAD_GOAL, SPEEDUP_GOAL = 1.15, 1.6
 VARIANTS = ("off", "stageflow", "inline", "per-value")
+EXTRA_VARIANTS = ("mlflow-client",)
 
 
 class _PerValueRuns(_trial_runs.TrialRuns):
     """One tracking call per param and per metric, as a hand-written objective would make."""
 
-    def _finish(self, run, number, state, params, scores, seconds, error, end_ms) -> None:
-        run_id = run.result()
+    def __init__(self, tracking_uri, *args, **kwargs):
+        super().__init__(tracking_uri, *args, **kwargs)
+        self.client = MlflowClient(tracking_uri)
+
+    def started(self, number):
+        tags = self._tags(number, "RUNNING", "")
+        run_name = _trial_runs.trial_run_name(number)
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def finished(self, run_id, number, state, params, scores, seconds, error=""):
         for key, value in params.items():
             self.client.log_param(run_id, key, value)
         for key, value in {**scores.summary(), "trial_seconds": seconds}.items():
             self.client.log_metric(run_id, key, value)
         self.client.set_tag(run_id, _trial_runs.STATE_TAG, state)
         self.client.set_terminated(run_id, _trial_runs.RUN_STATUS[state])
+
+
+class _ClientRuns(_trial_runs.TrialRuns):
+    """What ``stageflow tune`` does, the calls made through ``MlflowClient``."""
+
+    def __init__(self, tracking_uri, *args, **kwargs):
+        super().__init__(tracking_uri, *args, **kwargs)
+        self.calls = _trial_runs._ClientCalls(tracking_uri)  # noqa: SLF001
 
 
 class _Timed:
@@ -132,7 +153,7 @@ def measure_overhead(
     client, tracking_uri, work: Path, n_trials: int, rounds: int, family="lr", variants=VARIANTS
 ) -> dict:
     experiment_id = client.create_experiment(f"bench-overhead-{time.time_ns()}")
-    seconds = defaultdict(list)
+    seconds, load = defaultdict(list), defaultdict(list)
     studies, call_ms = {}, defaultdict(list)
     original = _trial_runs.TrialRuns
     for round_ in range(rounds):
@@ -142,10 +163,13 @@ def measure_overhead(
             name = f"{family}-{variant}-{round_}"
             job = _job(work, tracking_uri, name, (family,), experiment_id, parent)
             _new_study(job)
-            runs_class = _PerValueRuns if variant == "per-value" else original
+            runs_class = {"per-value": _PerValueRuns, "mlflow-client": _ClientRuns}.get(
+                variant, original
+            )
             if variant == "inline":
                 runs_class = _timed_runs(call_ms)
             _workers.TrialRuns = runs_class  # the class run_trials instantiates
+            load[variant].append(round(os.getloadavg()[0], 2))
             try:
                 started = time.perf_counter()
                 _workers.run_trials(
@@ -153,7 +177,7 @@ def measure_overhead(
                     0,
                     n_trials,
                     log_trials=variant != "off",
-                    background=variant == "stageflow",
+                    background=variant in ("stageflow", "mlflow-client"),
                 )
                 seconds[variant].append(time.perf_counter() - started)
             finally:
@@ -161,7 +185,8 @@ def measure_overhead(
             client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED))
             studies[variant] = _summary(job)
             print(
-                f"  overhead round {round_ + 1}/{rounds} {variant:>9}: {seconds[variant][-1]:.2f}s"
+                f"  overhead round {round_ + 1}/{rounds} {variant:>13}: "
+                f"{seconds[variant][-1]:.2f}s (load {load[variant][-1]:.2f})"
             )
     median = {v: statistics.median(s) for v, s in seconds.items()}
     return {
@@ -169,8 +194,14 @@ def measure_overhead(
         "n_trials": n_trials,
         "rounds": rounds,
         "seconds": {v: [round(x, 3) for x in s] for v, s in seconds.items()},
+        "load_1min_at_start": dict(load),
         "median_s": {v: round(m, 3) for v, m in median.items()},
         "ratio_to_off": {v: round(m / median["off"], 3) for v, m in median.items()},
+        # The fastest round of each variant: the least disturbed by other programs.
+        "best_s": {v: round(min(s), 3) for v, s in seconds.items()},
+        "best_ratio_to_off": {
+            v: round(min(s) / min(seconds["off"]), 3) for v, s in seconds.items()
+        },
         "per_trial_ms": {v: round(1000 * m / n_trials, 1) for v, m in median.items()},
         "same_study": studies,
         "inline_call_ms": {
@@ -184,7 +215,7 @@ def _timed_runs(call_ms):
     class TimedRuns(_trial_runs.TrialRuns):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.client = _Timed(self.client, call_ms)
+            self.calls = _Timed(self.calls, call_ms)
 
     return TimedRuns
 
@@ -251,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speedup-rounds", type=int, default=2)
     parser.add_argument("--family", default="lr", help="model family of the overhead study")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"overhead variants ({','.join(VARIANTS)})"
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"overhead variants ({','.join(VARIANTS + EXTRA_VARIANTS)})",
     )
     parser.add_argument("--skip-speedup", action="store_true")
     args = parser.parse_args(argv)
@@ -291,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntracking overhead (median wall seconds, same study of {args.family}):")
     for variant in variants:
         print(
-            f"  {variant:>9}: {overhead['median_s'][variant]:7.2f}s  "
+            f"  {variant:>13}: {overhead['median_s'][variant]:7.2f}s  "
             f"{overhead['per_trial_ms'][variant]:6.1f} ms/trial  "
-            f"x{overhead['ratio_to_off'][variant]:.3f}"
+            f"x{overhead['ratio_to_off'][variant]:.3f}  "
+            f"(best round x{overhead['best_ratio_to_off'][variant]:.3f})"
         )
     print(f"  goal: stageflow <= x{OVERHEAD_GOAL}")
     print(f"  inline call latency (ms, median): {overhead['inline_call_ms']}")
