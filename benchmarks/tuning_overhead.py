@@ -23,7 +23,8 @@ folder, runs the measurements below, prints a table, writes the figures as JSON 
 
 Usage:
     .venv/bin/python benchmarks/tuning_overhead.py [--trials 40] [--rounds 3]
-        [--speedup-trials 40] [--speedup-rounds 2]
+        [--variants off,stageflow,inline,per-value] [--speedup-trials 40]
+        [--speedup-rounds 2] [--skip-speedup]
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class _ClientRuns(_trial_runs.TrialRuns):
 
 
 class _Timed:
-    """Wraps an MlflowClient and records how long each method call takes."""
+    """Wraps the tracking calls (or an MlflowClient) and records how long each call takes."""
 
     def __init__(self, client, timings):
         self._client, self._timings = client, timings
