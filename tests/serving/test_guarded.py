@@ -20,7 +20,6 @@ from experiments.train import train
 from registry._stages import PRODUCTION, move
 from serving.batch import score
 from serving.frontdoor import FrontDoorLimits
-from stageflow import processes
 from stageflow.errors import UsageError
 
 pytestmark = pytest.mark.slow
@@ -175,25 +174,14 @@ def test_abnormal_outputs_are_caught_and_answered_per_policy(tracking_uri, model
 
 
 @pytest.fixture
-def served(tracking_uri, korean_model, tmp_path):
+def served(korean_model, start_serving):
     """``serve`` of the Korean model's version, in Production; stopped after the test."""
-    from serving.controller import BackgroundServe  # noqa: PLC0415
-
     name, version = korean_model
     move(mlflow.MlflowClient(), name, version, PRODUCTION)
-    running = BackgroundServe(
-        name,
-        processes.free_port(),
-        tracking_uri=tracking_uri,
-        home=tmp_path,
-        poll_interval=0.5,
-        replicas=1,  # replicas are test_serve's subject; one starts faster
-    ).start()
-    try:
-        assert running.wait_serving(timeout=SERVE_TIMEOUT_S) == version
-        yield running
-    finally:
-        running.stop()
+    # Replicas are test_serve's subject; one starts faster.
+    running = start_serving(name, replicas=1)
+    assert running.wait_serving(timeout=SERVE_TIMEOUT_S) == version
+    return running
 
 
 def split_body(frame: pd.DataFrame) -> str:

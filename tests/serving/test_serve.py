@@ -24,7 +24,7 @@ from experiments import data
 from experiments.train import train
 from registry._stages import PRODUCTION, STAGING, move
 from serving._slots import Replica
-from serving.controller import VERSION_HEADER, BackgroundServe, Controller
+from serving.controller import VERSION_HEADER, Controller
 from serving.frontdoor import FrontDoorLimits, FrontDoorTimings
 from stageflow import processes
 from tests.helpers import processes_mentioning
@@ -73,28 +73,6 @@ def copy_versions(
 def wine_request():
     features = data.load("builtin:wine").drop(columns=[data.BUILTIN_TARGET]).head(3)
     return {"dataframe_split": features.to_dict(orient="split", index=False)}
-
-
-@pytest.fixture
-def start_serving(tracking_uri, tmp_path):
-    """Start ``serve`` on a background thread; every one started is stopped after the test."""
-    started: list[BackgroundServe] = []
-
-    def start(model_name: str, **kwargs) -> BackgroundServe:
-        running = BackgroundServe(
-            model_name,
-            processes.free_port(),
-            tracking_uri=tracking_uri,
-            home=tmp_path,
-            poll_interval=0.5,
-            **kwargs,
-        )
-        started.append(running.start())
-        return running
-
-    yield start
-    for running in started:
-        running.stop()
 
 
 class Load:
