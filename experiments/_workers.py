@@ -7,6 +7,7 @@ logging): a spawned interpreter's imports are most of a worker's start-up time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -251,7 +252,7 @@ def run_trials(
         state, error = FAIL, ""
         try:
             with _interruptible():
-                value = objective(trial, scores)
+                value = objective(_ShieldedTrial(trial), scores)
             state = COMPLETE
             return value
         except optuna.TrialPruned:
@@ -355,6 +356,43 @@ def _interruptible():
         yield
     finally:
         _INTERRUPT.inside_objective = False
+
+
+@contextlib.contextmanager
+def _uninterruptible():
+    """Inside the objective, a call that writes to the study's storage finishes first.
+
+    An interrupt that lands inside a storage write can leave the database session in a
+    state where Optuna can no longer tell the trial's result, and the trial stays
+    RUNNING; so the interrupt waits for the write and is raised right after it.
+    """
+    _INTERRUPT.inside_objective = False
+    try:
+        yield
+    finally:
+        _INTERRUPT.inside_objective = True
+    if _INTERRUPT.requested:
+        raise KeyboardInterrupt
+
+
+class _ShieldedTrial:
+    """The trial as the objective sees it: each of its calls (suggest, report,
+    should_prune, all of which write to the storage) runs :func:`_uninterruptible`."""
+
+    def __init__(self, trial: optuna.Trial):
+        self._trial = trial
+
+    def __getattr__(self, name):
+        value = getattr(self._trial, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def shielded(*args, **kwargs):
+            with _uninterruptible():
+                return value(*args, **kwargs)
+
+        return shielded
 
 
 @contextlib.contextmanager

@@ -1,9 +1,13 @@
 """Tuning's pieces without servers: storage URIs, the search space, the objective's metric."""
 
+import os
+import signal
+
 import optuna
 import pytest
+from sqlalchemy import event
 
-from experiments import _study
+from experiments import _study, _workers
 from experiments._objective import CrossValidation, FoldScores, choose_metric, estimator_params
 from experiments.tune import _create_or_resume, prepare
 from stageflow.errors import StageflowError, UsageError
@@ -93,3 +97,28 @@ def test_resuming_a_study_made_for_other_data_is_refused(tmp_path):
         _create_or_resume(storage, "study", "maximize", {**settings, "data": "builtin:iris"})
     with pytest.raises(UsageError, match="set to maximize"):
         _create_or_resume(storage, "study", "minimize", settings)
+
+
+def test_ctrl_c_inside_a_storage_write_waits_for_the_write_and_the_trial_is_told_failed(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_workers, "_INTERRUPT", _workers._Interrupt())  # noqa: SLF001
+    storage = _study.open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(storage=storage, study_name="s")
+
+    def ctrl_c(*_):
+        os.kill(os.getpid(), signal.SIGINT)  # its handler runs inside the SQL statement
+
+    def objective(trial):
+        with _workers._interruptible():  # noqa: SLF001
+            shielded = _workers._ShieldedTrial(trial)  # noqa: SLF001
+            shielded.suggest_float("x", 0.0, 1.0)
+            event.listen(storage.engine, "before_cursor_execute", ctrl_c, once=True)
+            shielded.report(0.5, 0)
+            pytest.fail("the interrupt was not raised once the write had finished")
+
+    with _workers._deferred_interrupts(), pytest.raises(KeyboardInterrupt):  # noqa: SLF001
+        study.optimize(objective, n_trials=1)
+    [trial] = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.intermediate_values == {0: 0.5}
