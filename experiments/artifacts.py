@@ -23,6 +23,7 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.models import ModelSignature, infer_signature
 
 from experiments import evaluate
+from experiments.catalog import TEST_SPLIT_ARTIFACT
 from experiments.data import BUILTIN_PREFIX, Splits
 from experiments.families import split_columns
 from serving import guarded_model
@@ -31,7 +32,6 @@ from stageflow.errors import StageflowError
 logger = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
-TEST_SPLIT_ARTIFACT = "data/test.parquet"
 INPUT_EXAMPLE_ROWS = 5
 
 # Types a Stageflow pipeline may need beyond skops' defaults. Each model is

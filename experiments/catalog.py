@@ -7,6 +7,10 @@ milliseconds; the loaders and estimators they name live in ``data`` and ``famili
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 TASKS = (CLASSIFICATION, REGRESSION)
+# The metric each task is judged by first, and whether higher is better.
+PRIMARY_METRIC = {CLASSIFICATION: ("accuracy", True), REGRESSION: ("rmse", False)}
+# Where a trained version's run keeps its held-out test split (the gates score it).
+TEST_SPLIT_ARTIFACT = "data/test.parquet"
 
 BUILTIN_PREFIX = "builtin:"
 # scikit-learn's bundled data sets (``sklearn.datasets.load_NAME``): no download, work offline.

@@ -17,10 +17,9 @@ from matplotlib import font_manager  # noqa: E402
 from sklearn import metrics  # noqa: E402
 from sklearn.inspection import permutation_importance  # noqa: E402
 
-from experiments.data import CLASSIFICATION  # noqa: E402
+from experiments.catalog import CLASSIFICATION, PRIMARY_METRIC  # noqa: E402, F401
 
 # The metric each task is judged by, and whether bigger is better.
-PRIMARY_METRIC = {CLASSIFICATION: ("accuracy", True), "regression": ("rmse", False)}
 IMPORTANCE_MAX_ROWS = 2000
 
 

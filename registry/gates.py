@@ -31,9 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.environment_variables import MLFLOW_RUN_ID
 
-from experiments.artifacts import TEST_SPLIT_ARTIFACT
-from experiments.data import CLASSIFICATION
-from experiments.evaluate import PRIMARY_METRIC
+from experiments.catalog import CLASSIFICATION, PRIMARY_METRIC, TEST_SPLIT_ARTIFACT
 from registry import ledger
 from registry._stages import PRODUCTION, STAGING, current_version
 from registry.policy import TASK_METRICS, Policy
@@ -43,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 TASK_TAG = "stageflow.task"
 TARGET_PARAM = "target"
-# mlflow.models.evaluate's names for the primary metrics (experiments.evaluate.PRIMARY_METRIC).
+# mlflow.models.evaluate's names for the primary metrics (experiments.catalog.PRIMARY_METRIC).
 EVALUATE_METRIC = {"accuracy": "accuracy_score", "rmse": "root_mean_squared_error"}
 MODEL_TYPE = {CLASSIFICATION: "classifier", "regression": "regressor"}
 # Type changes a client's existing payloads survive.
