@@ -33,13 +33,15 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
-# A new version's server needs ~10 s to start on a 2-CPU laptop; more under load.
-SWITCH_TIMEOUT_S = 45.0
+# A new version's server needs ~10 s to start on a 2-CPU laptop; more under load
+# (`make test` runs two test processes on the same two cores).
+SWITCH_TIMEOUT_S = 90.0
 # A warm version's promotion is a front-door switch: the next poll (0.5 s here)
-# plus one health probe (0.25 s), well under 2 s. The assertion allows 1 s more
-# because this 2-core machine runs the load threads and other work beside it.
+# plus one health probe (0.25 s), well under 2 s. The assertion allows 3 s more
+# because the load threads and another test process share the machine; a cold
+# start (~10 s at best) still fails it, and the test also checks no server started.
 WARM_SWITCH_S = 2.0
-LOADED_MACHINE_MARGIN_S = 1.0
+LOADED_MACHINE_MARGIN_S = 3.0
 WINE_CLASSES = {0, 1, 2}
 
 
