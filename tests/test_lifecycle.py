@@ -72,7 +72,9 @@ def test_a_model_lives_its_whole_life_through_the_cli(tracking_uri, model_name, 
 
     port = processes.free_port()
     serve = processes.spawn(
-        [sys.executable, "-m", "stageflow", "serve", "--model", model_name, "--port", str(port)],
+        # One replica per version: replicas are tests/serving's subject; this one is the life.
+        [sys.executable, "-m", "stageflow", "serve", "--model", model_name, "--port", str(port)]
+        + ["--replicas", "1"],
         log_path=tmp_path / "serve.log",
         env=processes.venv_env(env),
     )
