@@ -376,8 +376,8 @@ def _uninterruptible():
 
 
 class _ShieldedTrial:
-    """The trial as the objective sees it: each of its calls (suggest, report,
-    should_prune, all of which write to the storage) runs :func:`_uninterruptible`."""
+    """The trial as the objective sees it: each of its calls (suggest and report write
+    to the storage, should_prune reads it) runs :func:`_uninterruptible`."""
 
     def __init__(self, trial: optuna.Trial):
         self._trial = trial
