@@ -248,7 +248,8 @@ def run_trials(
 
     def traced(trial: optuna.Trial) -> float:
         scores, started = FoldScores(), time.perf_counter()
-        run = runs.started(trial.number) if runs else None
+        # What finished() needs from started(): the trial's start time (ms).
+        opened = runs.started(trial.number) if runs else None
         state, error = FAIL, ""
         try:
             with _interruptible():
@@ -267,7 +268,7 @@ def run_trials(
         finally:
             if runs:
                 elapsed = time.perf_counter() - started
-                runs.finished(run, trial.number, state, trial.params, scores, elapsed, error)
+                runs.finished(opened, trial.number, state, trial.params, scores, elapsed, error)
 
     if isinstance(budget, int):
         budget = TrialBudget(budget)
