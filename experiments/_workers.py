@@ -49,8 +49,26 @@ class StudyJob:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    threads: int = 1
+    threads: int = 1  # OpenMP threads per worker (trial_threads)
     optuna_verbosity: int = optuna.logging.WARNING
+
+
+def threads_per_worker(workers: int) -> int:
+    """The OpenMP threads each of ``workers`` processes gets: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def trial_threads(threads: int):
+    """The native thread pools trials run with: ``threads`` for OpenMP, one for BLAS.
+
+    OpenMP is where these families' parallel work is (histogram gradient boosting's
+    histograms, scikit-learn's loss and gradient loops). BLAS only sees the matrix-vector
+    products of a linear model's solver, too small to split: a second OpenBLAS thread
+    left ``lr`` trials as fast as one, on breast_cancer as on 200,000 x 50, while it
+    busy-waits between calls and so doubled the study's CPU time, taking a core from the
+    tracking server and the other workers (BENCHMARKS.md, "Tuning").
+    """
+    return threadpool_limits(limits={"openmp": threads, "blas": 1})
 
 
 def prepare(source: str, target: str, task: str | None, seed: int):
@@ -192,8 +210,7 @@ def run_workers(
             pool.run(job, n_trials, timeout)
         if bar:
             bar.start()
-        with threadpool_limits(job.threads):
-            run_trials(job, 0, budget, timeout=timeout)
+        run_trials(job, 0, budget, timeout=timeout)
         if pool:
             pool.wait()
     except KeyboardInterrupt:
@@ -274,7 +291,7 @@ def run_trials(
         budget = TrialBudget(budget)
     deadline = time.monotonic() + timeout if timeout else None
     try:
-        with warnings.catch_warnings(), _deferred_interrupts():
+        with warnings.catch_warnings(), _deferred_interrupts(), trial_threads(job.threads):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             while (
                 not _INTERRUPT.requested
@@ -315,8 +332,7 @@ def _worker_process(conn, worker: int, budget: TrialBudget) -> None:
         if work is None:
             return
         job, timeout = work
-        with threadpool_limits(job.threads):
-            run_trials(job, worker, budget, timeout=timeout)
+        run_trials(job, worker, budget, timeout=timeout)
     except KeyboardInterrupt:
         sys.exit(130)
 

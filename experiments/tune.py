@@ -39,6 +39,7 @@ from experiments._workers import (  # noqa: F401 - run_trials and prepare: the b
     prepare,
     run_trials,
     run_workers,
+    threads_per_worker,
 )
 from experiments.train import DEFAULT_SEED, default_model_name
 from stageflow import tracking
@@ -247,7 +248,7 @@ def _run_study(
             tracking_uri=uri,
             experiment_id=parent.info.experiment_id,
             parent_run_id=parent.info.run_id,
-            threads=max(1, (os.cpu_count() or 1) // workers),
+            threads=threads_per_worker(workers),
             optuna_verbosity=verbosity,
         )
         already = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))

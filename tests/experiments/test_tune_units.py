@@ -6,6 +6,7 @@ import signal
 import optuna
 import pytest
 from sqlalchemy import event
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from experiments import _study, _workers
 from experiments._objective import CrossValidation, FoldScores, choose_metric, estimator_params
@@ -122,3 +123,38 @@ def test_ctrl_c_inside_a_storage_write_waits_for_the_write_and_the_trial_is_told
     [trial] = study.get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL
     assert trial.intermediate_values == {0: 0.5}
+
+
+def test_trials_run_with_one_blas_thread_and_the_workers_share_of_openmp(tmp_path, monkeypatch):
+    seen = []
+
+    class Recorded(CrossValidation):
+        def __call__(self, trial, scores):
+            seen.extend((p["user_api"], p["num_threads"]) for p in threadpool_info())
+            return super().__call__(trial, scores)
+
+    monkeypatch.setattr(_workers, "CrossValidation", Recorded)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    optuna.create_study(study_name="s", storage=_study.open_storage(storage))
+    job = _workers.StudyJob(
+        source="builtin:wine",
+        target="target",
+        task="classification",
+        metric="accuracy",
+        families=("lr",),
+        folds=2,
+        seed=0,
+        storage_uri=storage,
+        study_name="s",
+        tracking_uri="",
+        experiment_id="",
+        parent_run_id="",
+        threads=3,
+    )
+    with threadpool_limits(limits=2):  # what the libraries would use left alone
+        _workers.run_trials(job, 0, 1, log_trials=False)
+        after = {(p["user_api"], p["num_threads"]) for p in threadpool_info()}
+    assert ("blas", 1) in seen
+    assert ("openmp", 3) in seen
+    assert {n for api, n in seen if api == "blas"} == {1}, seen
+    assert after == {("blas", 2), ("openmp", 2)}, "the limits outlived the trials"
