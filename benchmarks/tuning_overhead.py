@@ -7,22 +7,34 @@ folder, runs the measurements below, prints a table, writes the figures as JSON 
 - overhead: the same study (same seed, so the same trials: TPE is deterministic
   given the same history) of a fast model, run with and without MLflow logging, in
   alternating rounds so load from other programs falls on every variant alike:
-    - ``off``: no MLflow at all (Optuna and SQLite only);
+    - ``off``: no MLflow at all (Optuna and SQLite only), the trials' native thread
+      pools as ``stageflow tune --workers 1`` sets them (one BLAS thread, OpenMP on
+      every core: ``experiments._workers.trial_threads``);
+    - ``off-library-threads`` (not in the default list): the same, the thread pools
+      left as the libraries set them (what a hand-written Optuna loop gets): shows
+      that the thread policy does not slow the study the overhead is measured against;
     - ``stageflow``: what ``stageflow tune`` does: one run per trial, written when
       the trial ends in three tracking calls (create with every tag, one
       ``log_batch``, update with the status) made by a background thread as plain
       REST requests on one keep-alive session;
     - ``mlflow-client``: the same, the calls made through ``MlflowClient`` (not in
       the default list: what the lean client saves);
+    - ``stageflow-library-threads`` (not in the default list): ``stageflow`` with the
+      thread pools left as the libraries set them, as ``stageflow tune`` ran before it
+      limited BLAS to one thread;
     - ``inline``: the same three calls, each trial waiting for them;
     - ``per-value``: one call per param and per metric, each trial waiting (what
       logging with ``mlflow.log_param``/``log_metric`` in the objective costs);
-  plus where the time of a logged trial goes: the latency of each kind of call.
+  Each variant's rounds are reported as wall seconds; as its per-round ratios to the
+  ``off`` study of the same round (a pair shares the machine's state of that minute):
+  their mean with a 95% bootstrap interval, and their median; and as CPU seconds, this
+  process's (the study, its native threads, the logging thread) and the tracking
+  server's. Plus where the time of a logged trial goes: the latency of each call.
 - speed-up: ``stageflow tune --workers 1`` against ``--workers 2`` on one SQLite study
   of a heavier model (random forests), logging on.
 
 Usage:
-    .venv/bin/python benchmarks/tuning_overhead.py [--trials 40] [--rounds 3]
+    .venv/bin/python benchmarks/tuning_overhead.py [--trials 40] [--rounds 8]
         [--variants off,stageflow,inline,per-value] [--speedup-trials 40]
         [--speedup-rounds 2] [--skip-speedup]
 """
@@ -45,18 +57,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure this checkout, installed or not
 
+import contextlib  # noqa: E402
+import random  # noqa: E402
+
 import optuna  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import RunStatus  # noqa: E402
 
+from benchmarks import core_sharing  # noqa: E402
+from benchmarks.tracking_latency import _group_cpu_s  # noqa: E402
 from experiments import _study, _trial_runs, _workers  # noqa: E402
 from stageflow import processes, server  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DATA, TARGET = "builtin:breast_cancer", "target"
 OVERHEAD_GOAL, SPEEDUP_GOAL = 1.15, 1.6
+# core_sharing.slowdown() under this: the two CPUs behaved as independent cores.
+INDEPENDENT_CPUS = 1.15
 VARIANTS = ("off", "stageflow", "inline", "per-value")
-EXTRA_VARIANTS = ("mlflow-client",)
+EXTRA_VARIANTS = ("mlflow-client", "off-library-threads", "stageflow-library-threads")
+UNLOGGED = ("off", "off-library-threads")
+LIBRARY_THREADS = ("off-library-threads", "stageflow-library-threads")
 
 
 class _PerValueRuns(_trial_runs.TrialRuns):
@@ -121,7 +142,7 @@ def _job(storage_dir: Path, tracking_uri: str, name: str, families, experiment_i
         tracking_uri=tracking_uri,
         experiment_id=experiment_id,
         parent_run_id=parent,
-        threads=1,
+        threads=_workers.threads_per_worker(1),  # what `stageflow tune --workers 1` uses
     )
 
 
@@ -150,13 +171,34 @@ def _summary_of(storage: str, name: str) -> dict:
     }
 
 
+def _library_threads(threads: int):
+    """``*-library-threads``: leave the native thread pools as the libraries set them."""
+    return contextlib.nullcontext()
+
+
+def _mean_with_interval(values: list[float], resamples: int = 2000) -> list[float]:
+    """The mean and a 95% percentile-bootstrap interval of it (seeded: reproducible)."""
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [statistics.fmean(values), means[int(0.025 * resamples)], means[int(0.975 * resamples)]]
+
+
 def measure_overhead(
-    client, tracking_uri, work: Path, n_trials: int, rounds: int, family="lr", variants=VARIANTS
+    client,
+    tracking_uri,
+    server_pgid: int,
+    work: Path,
+    n_trials: int,
+    rounds: int,
+    family="lr",
+    variants=VARIANTS,
 ) -> dict:
     experiment_id = client.create_experiment(f"bench-overhead-{time.time_ns()}")
     seconds, load = defaultdict(list), defaultdict(list)
+    cpu, server_cpu = defaultdict(list), defaultdict(list)
+    paired, sharing = defaultdict(list), defaultdict(list)
     studies, call_ms = {}, defaultdict(list)
-    original = _trial_runs.TrialRuns
+    original, original_threads = _trial_runs.TrialRuns, _workers.trial_threads
     for round_ in range(rounds):
         order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
         for variant in order:
@@ -167,29 +209,52 @@ def measure_overhead(
             runs_class = {"per-value": _PerValueRuns, "mlflow-client": _ClientRuns}.get(
                 variant, original
             )
+
             if variant == "inline":
                 runs_class = _timed_runs(call_ms)
             _workers.TrialRuns = runs_class  # the class run_trials instantiates
+            if variant in LIBRARY_THREADS:
+                _workers.trial_threads = _library_threads
             load[variant].append(round(os.getloadavg()[0], 2))
+            sharing[variant].append(core_sharing.slowdown())
             try:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
+                server_started = _group_cpu_s(server_pgid)
                 _workers.run_trials(
                     job,
                     0,
                     n_trials,
-                    log_trials=variant != "off",
-                    background=variant in ("stageflow", "mlflow-client"),
+                    log_trials=variant not in UNLOGGED,
+                    background=variant in ("stageflow", "mlflow-client", *LIBRARY_THREADS),
                 )
+                # run_trials returns once every tracking call of the study has been answered.
                 seconds[variant].append(time.perf_counter() - started)
+                cpu[variant].append(time.process_time() - cpu_started)
+                server_cpu[variant].append(_group_cpu_s(server_pgid) - server_started)
             finally:
-                _workers.TrialRuns = original
+                _workers.TrialRuns, _workers.trial_threads = original, original_threads
             client.set_terminated(parent, RunStatus.to_string(RunStatus.FINISHED))
             studies[variant] = _summary(job)
             print(
-                f"  overhead round {round_ + 1}/{rounds} {variant:>13}: "
-                f"{seconds[variant][-1]:.2f}s (load {load[variant][-1]:.2f})"
+                f"  overhead round {round_ + 1}/{rounds} {variant:>25}: "
+                f"{seconds[variant][-1]:.2f}s, CPU {cpu[variant][-1]:.2f}s here "
+                f"+ {server_cpu[variant][-1]:.2f}s server (load {load[variant][-1]:.2f}, "
+                f"core sharing x{sharing[variant][-1]})"
             )
+        if "off" in variants:
+            for variant in variants:
+                paired[variant].append(seconds[variant][-1] / seconds["off"][-1])
+    # The pairs whose two studies both started while the CPUs behaved as independent cores.
+    independent = {
+        v: [
+            ratio
+            for ratio, own, base in zip(r, sharing[v], sharing["off"], strict=True)
+            if own is not None and base is not None and max(own, base) < INDEPENDENT_CPUS
+        ]
+        for v, r in paired.items()
+    }
     median = {v: statistics.median(s) for v, s in seconds.items()}
+    median_cpu = {v: statistics.median(s) for v, s in cpu.items()}
     return {
         "family": family,
         "n_trials": n_trials,
@@ -204,6 +269,22 @@ def measure_overhead(
             v: round(min(s) / min(seconds["off"]), 3) for v, s in seconds.items()
         },
         "per_trial_ms": {v: round(1000 * m / n_trials, 1) for v, m in median.items()},
+        # Each round's ratio to the `off` study of the same round, then their median.
+        "paired_ratios": {v: [round(x, 3) for x in r] for v, r in paired.items()},
+        "median_paired_ratio": {v: round(statistics.median(r), 3) for v, r in paired.items()},
+        "mean_paired_ratio_with_95pct_interval": {
+            v: [round(x, 3) for x in _mean_with_interval(r)] for v, r in paired.items()
+        },
+        "core_sharing_at_start": dict(sharing),
+        "independent_cpus_paired_ratios": {
+            v: [round(x, 3) for x in r] for v, r in independent.items()
+        },
+        "cpu_s": {v: [round(x, 3) for x in s] for v, s in cpu.items()},
+        "server_cpu_s": {v: [round(x, 3) for x in s] for v, s in server_cpu.items()},
+        "cpu_per_trial_ms": {v: round(1000 * m / n_trials, 1) for v, m in median_cpu.items()},
+        "server_cpu_per_trial_ms": {
+            v: round(1000 * statistics.median(s) / n_trials, 1) for v, s in server_cpu.items()
+        },
         "same_study": studies,
         "inline_call_ms": {
             name: {"calls": len(t), "median": round(1000 * statistics.median(t), 2)}
@@ -278,7 +359,7 @@ def measure_speedup(client, tracking_uri, work: Path, n_trials: int, rounds: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=40, help="trials per overhead study")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the overhead variants")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of the overhead variants")
     parser.add_argument("--speedup-trials", type=int, default=40)
     parser.add_argument("--speedup-rounds", type=int, default=2)
     parser.add_argument("--family", default="lr", help="model family of the overhead study")
@@ -310,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tracking server {info.uri}; overhead: {args.trials} trials x {args.rounds}")
             variants = tuple(v for v in args.variants.split(",") if v)
             overhead = measure_overhead(
-                client, info.uri, work, args.trials, args.rounds, args.family, variants
+                client, info.uri, info.pid, work, args.trials, args.rounds, args.family, variants
             )
             speedup = None
             if not args.skip_speedup:
@@ -322,15 +403,39 @@ def main(argv: list[str] | None = None) -> int:
             server.stop(home)
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
 
-    print(f"\ntracking overhead (median wall seconds, same study of {args.family}):")
+    print(f"\ntracking overhead (same study of {args.family}, medians of {args.rounds} rounds):")
+    print(
+        f"  {'variant':>25}  {'wall':>6}  {'ms/trial':>8}  {'x off':>6}  "
+        f"{'paired: mean [95% interval]':>28}  {'median':>6}  {'best':>6}  "
+        f"{'CPU ms/trial: here':>18}  {'server':>6}"
+    )
+    nan3 = [float("nan")] * 3
     for variant in variants:
+        mean, low, high = overhead["mean_paired_ratio_with_95pct_interval"].get(variant, nan3)
         print(
-            f"  {variant:>13}: {overhead['median_s'][variant]:7.2f}s  "
-            f"{overhead['per_trial_ms'][variant]:6.1f} ms/trial  "
-            f"x{overhead['ratio_to_off'][variant]:.3f}  "
-            f"(best round x{overhead['best_ratio_to_off'][variant]:.3f})"
+            f"  {variant:>25}: {overhead['median_s'][variant]:5.2f}s  "
+            f"{overhead['per_trial_ms'][variant]:8.1f}  "
+            f"{overhead['ratio_to_off'][variant]:6.3f}  "
+            f"{mean:12.3f} [{low:.3f}, {high:.3f}]  "
+            f"{overhead['median_paired_ratio'].get(variant, float('nan')):6.3f}  "
+            f"{overhead['best_ratio_to_off'][variant]:6.3f}  "
+            f"{overhead['cpu_per_trial_ms'][variant]:18.1f}  "
+            f"{overhead['server_cpu_per_trial_ms'][variant]:6.1f}"
         )
-    print(f"  goal: stageflow <= x{OVERHEAD_GOAL}")
+    if "stageflow" in overhead["mean_paired_ratio_with_95pct_interval"]:
+        mean, low, high = overhead["mean_paired_ratio_with_95pct_interval"]["stageflow"]
+        verdict = "met" if mean <= OVERHEAD_GOAL else "not met"
+        print(
+            f"  goal: stageflow <= x{OVERHEAD_GOAL} (mean paired ratio): {verdict} "
+            f"(x{mean:.3f}, 95% interval {low:.3f}-{high:.3f})"
+        )
+        calm = overhead["independent_cpus_paired_ratios"]["stageflow"]
+        if calm:
+            print(
+                f"  pairs started while the CPUs were independent (core sharing < "
+                f"x{INDEPENDENT_CPUS}): {len(calm)} of {args.rounds}, "
+                f"mean x{statistics.fmean(calm):.3f}"
+            )
     print(f"  inline call latency (ms, median): {overhead['inline_call_ms']}")
     if speedup:
         print(
