@@ -37,10 +37,10 @@ def _loop(n: int = 400_000) -> float:
 def slowdown(repeats: int = 3) -> float | None:
     """The loop's time with CPU 1 busy over its time alone (median of ``repeats``);
     None on a machine with fewer than two CPUs for this process."""
-    cpus = sorted(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    cpus = sorted(before)
     if len(cpus) < 2:
         return None
-    before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpus[0]})
     try:
         ratios = []
