@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -183,7 +182,7 @@ def retrain(
         where,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{model}-retrain-{time.strftime('%Y%m%dT%H%M%S')}.parquet"
+        path = Path(tmp) / Path(DATA_ARTIFACT).name
         combined.to_parquet(path, index=False)
         trained = train(
             str(path),

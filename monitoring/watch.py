@@ -317,6 +317,7 @@ def watch_once(
     dry_run: bool = False,
     tracking_uri: str | None = None,
     monitor: Callable | None = None,
+    retrain_data: str | None = None,
 ) -> WatchReport:
     """One window: run the monitor, decide, act (unless ``dry_run``), report.
 
@@ -327,6 +328,8 @@ def watch_once(
             watch's own tags stay as they were.
         monitor: ``monitor(model, since=, tracking_uri=, policy=)`` returning a
             MonitorResult (default: ``monitoring.monitor``).
+        retrain_data: labelled rows for a retrain to add instead of the inference
+            log's (``retrain --data``): a feed outside Stageflow, or a test.
 
     Raises:
         UsageError: unknown model or action, bad duration.
@@ -377,11 +380,11 @@ def watch_once(
             )
             continue
         with acting_as():
-            _take(client, model, action, run_id, tracking_uri)
+            _take(client, model, action, run_id, tracking_uri, retrain_data)
     return report
 
 
-def _take(client, model: str, action: Action, run_id: str, tracking_uri: str | None) -> None:
+def _take(client, model: str, action: Action, run_id: str, tracking_uri, retrain_data) -> None:
     from registry import Refused, rollback  # noqa: PLC0415
 
     if action.kind == ROLLBACK:
@@ -414,6 +417,7 @@ def _take(client, model: str, action: Action, run_id: str, tracking_uri: str | N
 
     outcome = retrain(
         model,
+        retrain_data,
         trigger=action.trigger,
         monitoring_run=run_id,
         tracking_uri=tracking_uri,
@@ -438,6 +442,7 @@ def watch(
     monitor: Callable | None = None,
     on_report: Callable[[WatchReport], None] | None = None,
     stop: threading.Event | None = None,
+    retrain_data: str | None = None,
 ) -> list[WatchReport]:
     """Watch ``model``: one window every ``every`` (the monitor looks back ``since``,
     default ``every``) until ``stop`` is set or Ctrl-C; one window only with ``once``.
@@ -456,7 +461,9 @@ def watch(
     while True:
         started = time.monotonic()
         try:
-            report = watch_once(model, since, acts, dry_run, tracking_uri, monitor)
+            report = watch_once(
+                model, since, acts, dry_run, tracking_uri, monitor, retrain_data=retrain_data
+            )
         except UsageError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad window must not end the watch
