@@ -334,15 +334,13 @@ def watch_once(
     Raises:
         UsageError: unknown model or action, bad duration.
     """
-    from registry._stages import require_model  # noqa: PLC0415
     from registry.policy import for_model  # noqa: PLC0415
     from stageflow import tracking  # noqa: PLC0415
 
     acts = parse_acts(acts)
     seconds(since)
     client = tracking.client(tracking_uri)
-    require_model(client, model)
-    policy = for_model(client, model)
+    policy = for_model(client, model)  # an unknown model is a UsageError here
     if monitor is None:
         import monitoring  # noqa: PLC0415
 
