@@ -13,12 +13,10 @@ import mlflow
 import pytest
 
 from monitoring.watch import ACTOR, MARK_TAG, watch_once
-from registry import PRODUCTION, STAGING, current_version, history, promote
+from registry import PRODUCTION, STAGING, current_version, history, promote, set_policy
 from serving.controller import VERSION_HEADER
 from stageflow import processes
 from tests.serving.test_serve import (
-    START_TIMEOUT_S,
-    SWITCH_TIMEOUT_S,
     Load,
     predict,
     wait_for_version,
@@ -26,6 +24,18 @@ from tests.serving.test_serve import (
 )
 
 pytestmark = pytest.mark.slow
+
+# Generous: on the shared 2-core machine a cold model server has taken over 90 s to start.
+START_TIMEOUT_S = 300.0
+SWITCH_TIMEOUT_S = 300.0
+
+
+def relaxed_latency(model_name: str, tmp_path) -> None:
+    """What these tests judge is live performance; the latency gate (in-process, on a
+    shared 2-core machine) gets a budget it cannot miss by load alone."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("latency: {single_row_p95_ms: 10000, batch_p95_ms: 60000}\n")
+    set_policy(model_name, path)
 
 
 def window(version: str, *, worse: bool, run_id: str = "monitoring-run-7"):
@@ -78,9 +88,10 @@ def window(version: str, *, worse: bool, run_id: str = "monitoring-run-7"):
 
 
 @pytest.fixture
-def two_productions(register_versions, model_name, tracking_uri):
+def two_productions(register_versions, model_name, tracking_uri, tmp_path):
     """v1 then v2 promoted through the gates to Production (v1 is the rollback target)."""
     v1, v2 = register_versions(model_name)
+    relaxed_latency(model_name, tmp_path)
     for version in (v1, v2):
         promote(model_name, version, STAGING, "offline gates")
         promote(model_name, version, PRODUCTION, "offline gates")
@@ -106,7 +117,7 @@ def test_a_version_worse_on_live_labels_is_rolled_back_automatically_without_fai
     processes.wait_until(lambda: running.controller.standby_version == v1, timeout=60)
     client = mlflow.MlflowClient(tracking_uri)
 
-    with Load(running.url, wine_request) as load:
+    with Load(running.url, wine_request, max_seconds=600) as load:
         # Within the margin: nothing happens.
         calm = watch_once(model_name, "1h", monitor=window(v2, worse=False))
         assert calm.actions == []
