@@ -185,7 +185,7 @@ def log_pipeline(pipeline, splits: Splits, task: str, model_name: str):
                 guarded_model.PIPELINE: str(pipeline_path),
                 guarded_model.CONTRACT: str(contract_path),
             },
-            model_config=dict(guarded_model.DEFAULT_POLICY),
+            model_config=dict(guarded_model.LOGGED_CONFIG),
             signature=ModelSignature(outputs=outputs),
             input_example=example,
             pip_requirements=pinned_requirements(),

@@ -69,6 +69,9 @@ DEFAULT_POLICY = {name: choices[0] for name, choices in POLICIES.items()}
 PIPELINE, CONTRACT = "pipeline", "contract"
 # model_config keys that are not policies.
 IGNORED_COLUMNS, INFERENCE_LOG = "ignored_columns", "inference_log"
+# The model_config a version is logged with. MLflow lets a load-time model_config
+# override only the keys logged here, so every key serving may set must be present.
+LOGGED_CONFIG = {**DEFAULT_POLICY, IGNORED_COLUMNS: [], INFERENCE_LOG: None}
 
 
 class Rejected(MlflowException):

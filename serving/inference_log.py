@@ -23,6 +23,7 @@ Public: :class:`InferenceLog`, :class:`LogSettings`, :func:`parse_mode`,
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import contextvars
@@ -273,6 +274,22 @@ class InferenceLog:
         self._warned_at = -DROP_WARNING_SECONDS
         self._run_id: str | None = None
         self._schema: pa.Schema | None = None
+
+    @classmethod
+    def for_model(cls, pyfunc, model: str, version: str, **settings) -> InferenceLog:
+        """A log for a loaded guarded model (batch scoring): its columns and task from its contract.
+
+        ``settings`` are :class:`LogSettings` fields (``source="batch"``, ``tracking_uri``,
+        ``id_column``, ...). Start it, ``record_frame`` each chunk, ``close`` at the end.
+        """
+        guarded = pyfunc.unwrap_python_model()
+        guard = guarded.guard
+        return cls(
+            LogSettings(model=model, version=str(version), **{"source": BATCH, **settings}),
+            guard.numeric_names,
+            guard.categorical_names,
+            classify=guarded.classify,
+        )
 
     # -- the request side (cheap, never raises) --
 
@@ -577,6 +594,7 @@ class InferenceLog:
             with contextlib.suppress(Exception):
                 rows = pq.read_metadata(path).num_rows
         path.unlink(missing_ok=True)
+        _uploaded_marker(path).unlink(missing_ok=True)
         if pending and rows:
             self._drop(rows, f"retention deleted {path.name} before it was uploaded")
 
@@ -720,6 +738,9 @@ class RequestIds:
         self.app, self.log = app, log
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan" and self.log is not None:
+            await self.app(scope, receive, self._closing(send))
+            return
         if scope["type"] != "http" or scope["path"] != "/invocations":
             await self.app(scope, receive, send)
             return
@@ -752,6 +773,16 @@ class RequestIds:
             if record is not None:
                 record.finish(status[0])
                 self.log.record(record)
+
+    def _closing(self, send):
+        """``send`` that writes and uploads what the log holds before the server says it stopped."""
+
+        async def send_closing(message):
+            if message["type"] == "lifespan.shutdown.complete":
+                await asyncio.to_thread(self.log.close)
+            await send(message)
+
+        return send_closing
 
 
 def _install_on_next_app(log: InferenceLog | None) -> None:
@@ -801,6 +832,12 @@ def attach(guard, classify: bool, config: dict) -> InferenceLog | None:
     settings = LogSettings(**config)
     if not in_model_server():
         return None
+    if not logger.handlers:  # this process's entry point is uvicorn: say what the log does
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     log = None
     if settings.fraction > 0.0:
         log = InferenceLog(
