@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 
 from registry import PRODUCTION, current_version, require_model
+from serving.inference_log import BATCH, InferenceLog
 from stageflow import tracking
 from stageflow.contract import input_columns
 from stageflow.errors import StageflowError, UsageError
@@ -97,6 +98,9 @@ def score(
     columns = list(spec) if spec is not None else None
     dtypes = {c: CSV_DTYPES[kind] for c, (kind, _) in (spec or {}).items() if kind in CSV_DTYPES}
 
+    # The run exists before scoring, so the inference log's batch rows carry its id.
+    run_id = os.environ.get("MLFLOW_RUN_ID") or _create_run(client, model, version)
+    log = _inference_log(pyfunc, model, version, client.tracking_uri)
     started = time.perf_counter()
     rows = 0
     partial = output_path.with_name(f".{output_path.name}.partial")
@@ -121,21 +125,27 @@ def score(
             out[PREDICTION_COLUMN] = _one_column(predictions)
             out[VERSION_COLUMN] = int(version)
             writer.write(out)
+            if log is not None:
+                log.record_frame(features, out[PREDICTION_COLUMN], run_id, first_row=rows)
             rows += len(chunk)
             logger.info("scored %d rows", rows)
         if rows == 0:
             raise UsageError(f"{input_path} has no rows to score")
         writer.close()
         os.replace(partial, output_path)
+    except BaseException:
+        if run_id != os.environ.get("MLFLOW_RUN_ID"):
+            client.set_terminated(run_id, "FAILED")
+        raise
     finally:
         writer.close()
         partial.unlink(missing_ok=True)
+        if log is not None:
+            log.close(timeout=60)
     seconds = time.perf_counter() - started
     digest = file_digest(input_path)
 
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(BATCH_EXPERIMENT)
-    with mlflow.start_run(run_name=f"score-{model}-v{version}") as run:
+    with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags({"stageflow.kind": "batch", "stageflow.model_name": model})
         mlflow.log_params(
             {
@@ -159,6 +169,27 @@ def score(
         input_digest=digest,
         run_id=run.info.run_id,
     )
+
+
+def _create_run(client, model: str, version: str) -> str:
+    experiment = client.get_experiment_by_name(BATCH_EXPERIMENT)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(BATCH_EXPERIMENT)
+    )
+    return client.create_run(experiment_id, run_name=f"score-{model}-v{version}").info.run_id
+
+
+def _inference_log(pyfunc, model: str, version: str, tracking_uri: str):
+    """The version's inference log for ``batch`` rows, or None for a model without a guard."""
+    try:
+        guarded = pyfunc.unwrap_python_model()
+    except MlflowException:  # not a python model (the plain scikit-learn flavor)
+        return None
+    if getattr(guarded, "guard", None) is None:
+        return None
+    return InferenceLog.for_model(
+        pyfunc, model, version, source=BATCH, tracking_uri=tracking_uri
+    ).start()
 
 
 def _chunks(path: Path, chunk_rows: int, dtypes: dict[str, str]) -> Iterator[pd.DataFrame]:

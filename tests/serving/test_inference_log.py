@@ -263,3 +263,27 @@ def test_off_logs_nothing_and_sample_logs_a_fraction_both_answering_with_request
     sampled = rows[rows.request_id.str.startswith("sample:0.5-")].request_id.nunique()
     # P(0 or all 60 of 60 at 0.5) is 2**-59: this fails only if sampling is broken.
     assert 0 < sampled < sent
+
+
+def test_batch_scoring_logs_batch_rows_under_its_run_id_with_the_file_row_numbers(
+    client, register_versions, model_name, features, tmp_path
+):
+    from serving.batch import score  # noqa: PLC0415
+
+    v1, _ = register_versions(model_name)
+    move(client, model_name, v1, PRODUCTION)
+    wine = data.load("builtin:wine").drop(columns=[data.BUILTIN_TARGET])
+    source = tmp_path / "in.csv"
+    wine.to_csv(source, index=False)
+
+    result = score(model_name, source, tmp_path / "out.csv", chunk_rows=50)
+
+    rows = logged(client, model_name, v1, tmp_path)
+    assert set(rows.source) == {"batch"}
+    assert set(rows.request_id) == {result.run_id}
+    assert sorted(rows.row) == list(range(len(wine)))
+    scored = pd.read_csv(tmp_path / "out.csv")
+    by_row = rows.sort_values("row")
+    assert by_row.prediction.tolist() == scored.prediction.astype(str).tolist()
+    assert by_row["input.proline"].tolist() == wine.proline.tolist()
+    assert by_row.latency_ms.isna().all()
