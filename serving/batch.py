@@ -145,6 +145,8 @@ def score(
     seconds = time.perf_counter() - started
     digest = file_digest(input_path)
 
+    if run_id != os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(BATCH_EXPERIMENT)  # the experiment the run was created in
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags({"stageflow.kind": "batch", "stageflow.model_name": model})
         mlflow.log_params(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import contextvars
 import logging
@@ -34,7 +35,6 @@ import random
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,8 +64,9 @@ MODES = ("off", "sample:FRACTION", "all")
 INFERENCE_LOG = "inference_log"  # the model_config key (serving/guarded_model.py reads it)
 
 FLUSH_SECONDS = 10.0
+WAKE_SECONDS = 0.25
 # Bounds on what waits for the writer: past either, new requests are dropped (and counted).
-QUEUE_REQUESTS = 10_000
+QUEUE_REQUESTS = 50_000
 QUEUE_ROWS = 500_000
 SEGMENT_ROWS = 200_000
 DEFAULT_RETENTION = "1GB,7d"
@@ -263,9 +264,13 @@ class InferenceLog:
         self.dropped = 0  # rows lost: queue full, disk trouble, retention before upload
         self.written = 0  # rows in segments on disk
         self.uploaded = 0  # segments in the artifact store
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_requests)
+        # A deque, not a queue.Queue: appending takes no lock and wakes no thread (the
+        # writer polls), so the request path pays ~1 µs. Rows in and out are counted by
+        # one thread each, so neither count loses an update.
+        self._queue: collections.deque = collections.deque()
+        self._queue_requests = queue_requests
+        self._rows_in = self._rows_out = 0
         self._queue_rows = queue_rows
-        self._queued_rows = 0
         self._lock = threading.Lock()
         self._uploads: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -300,19 +305,20 @@ class InferenceLog:
     def record(self, request: Request, block: bool = False) -> bool:
         """Hand a finished request to the writer; False (and counted) if it was dropped."""
         rows = request.rows
-        with self._lock:
-            full = self._queued_rows + rows > self._queue_rows and self._queued_rows > 0
-            if not full:
-                self._queued_rows += rows
-        if not full:
-            try:
-                self._queue.put(request, block=block, timeout=None if block else 0)
-                return True
-            except queue.Full:
-                with self._lock:
-                    self._queued_rows -= rows
-        self._drop(rows, "the writer's queue is full")
-        return False
+        while True:
+            queued = self._rows_in - self._rows_out
+            full = len(self._queue) >= self._queue_requests or (
+                queued > 0 and queued + rows > self._queue_rows
+            )
+            if not (full and block and self._threads and not self._stop.is_set()):
+                break
+            time.sleep(0.01)  # batch scoring waits for the writer instead of dropping
+        if full:
+            self._drop(rows, "the writer's queue is full")
+            return False
+        self._rows_in += rows
+        self._queue.append(request)
+        return True
 
     def record_frame(
         self,
@@ -406,7 +412,7 @@ class InferenceLog:
     def flush(self, timeout: float = 30.0) -> None:
         """Write what is queued now (for tests and batch ends); uploads follow in the background."""
         done = threading.Event()
-        self._queue.put(done)
+        self._queue.append(done)
         done.wait(timeout)
 
     def wait_uploaded(self, timeout: float = 60.0) -> bool:
@@ -421,36 +427,38 @@ class InferenceLog:
     # -- the writer thread --
 
     def _write_loop(self) -> None:
+        # Wakes a few times a second and takes everything queued, rather than waking per
+        # request: each wake-up would take the GIL from the thread answering requests.
         buffered: list[Request] = []
         rows = 0
         opened = time.monotonic()
         while True:
-            stopping = self._stop.is_set()
-            wait = max(0.0, self.settings.flush_seconds - (time.monotonic() - opened))
-            try:
-                item = self._queue.get(timeout=0.05 if stopping else min(wait, 0.5) or 0.01)
-            except queue.Empty:
-                item = None
-            if isinstance(item, Request):
-                with self._lock:
-                    self._queued_rows -= item.rows
+            stopping = self._stop.wait(WAKE_SECONDS)
+            flushes = []
+            while True:
+                try:
+                    item = self._queue.popleft()
+                except IndexError:
+                    break
+                if isinstance(item, threading.Event):
+                    flushes.append(item)
+                    continue
+                self._rows_out += item.rows
                 if not buffered:
                     opened = time.monotonic()
                 buffered.append(item)
                 rows += item.rows
-            due = (
-                isinstance(item, threading.Event)
-                or rows >= SEGMENT_ROWS
-                or (stopping and item is None)
-                or (buffered and time.monotonic() - opened >= self.settings.flush_seconds)
-            )
-            if due and buffered:
+                if rows >= SEGMENT_ROWS:
+                    self._write_segment(buffered, rows)
+                    buffered, rows = [], 0
+            due = flushes or stopping or time.monotonic() - opened >= self.settings.flush_seconds
+            if buffered and due:
                 self._write_segment(buffered, rows)
                 buffered, rows = [], 0
                 self._apply_retention()
-            if isinstance(item, threading.Event):
-                item.set()
-            if stopping and item is None:
+            for flushed in flushes:
+                flushed.set()
+            if stopping:
                 return
 
     def _write_segment(self, requests: list[Request], rows: int) -> None:
@@ -750,7 +758,9 @@ class RequestIds:
                 request_id = value.decode("latin-1")
             elif key == b"x-stageflow-probe":
                 probe = True
-        request_id = request_id or str(uuid.uuid4())
+        # Only requests that bypass the front door lack one; 16 random bytes as hex cost
+        # ~3 µs where uuid4() measured ~40 µs here.
+        request_id = request_id or os.urandom(16).hex()
         header = (b"x-request-id", request_id.encode("latin-1"))
         record = (
             Request(request_id)
