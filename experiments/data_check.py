@@ -218,8 +218,9 @@ def date_format(values: pd.Series, config: CheckConfig = DEFAULT_CONFIG) -> str 
     """The strftime format of a text column of dates (pandas' own inference), else False.
 
     A datetime column answers None (nothing to parse). A text column is a date
-    column when the format pandas guesses from its first value names a year and at
-    least ``config.date_parse_ratio`` of its values parse in it.
+    column when a format pandas guesses from its first value (month first, else
+    day first) names a year and at least ``config.date_parse_ratio`` of its values
+    parse in it.
     """
     if pd.api.types.is_datetime64_any_dtype(values):
         return None
@@ -228,11 +229,16 @@ def date_format(values: pd.Series, config: CheckConfig = DEFAULT_CONFIG) -> str 
     present = values.dropna()
     if present.empty or not all(isinstance(v, str) for v in present.head(100)):
         return False
-    guessed = guess_datetime_format(str(present.iloc[0]))
-    if guessed is None or not ("%Y" in guessed or "%y" in guessed):
-        return False
-    parsed = pd.to_datetime(present.astype(str), format=guessed, errors="coerce")
-    return guessed if parsed.notna().mean() >= config.date_parse_ratio else False
+    first, text = str(present.iloc[0]), present.astype(str)
+    # Month first, then day first: "01.11.2007" reads either way, and the rest decide.
+    for dayfirst in (False, True):
+        guessed = guess_datetime_format(first, dayfirst=dayfirst)
+        if guessed is None or not ("%Y" in guessed or "%y" in guessed):
+            continue
+        parsed = pd.to_datetime(text, format=guessed, errors="coerce")
+        if parsed.notna().mean() >= config.date_parse_ratio:
+            return guessed
+    return False
 
 
 def is_identifier(values: pd.Series, config: CheckConfig = DEFAULT_CONFIG) -> bool:

@@ -14,7 +14,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 
 # The parts of every date; "hour" is added for a column whose training values had times.
-DATE_PARTS = ("year", "month", "day", "dayofweek")
+DATE_PARTS = ("year", "month", "day", "day_of_week")
 TIME_PART = "hour"
 
 
