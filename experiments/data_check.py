@@ -33,8 +33,8 @@ from pandas.tseries.api import guess_datetime_format
 from pydantic import BaseModel, ConfigDict, Field
 
 from experiments import data
-from experiments.catalog import CLASSIFICATION
 from experiments.features import as_datetimes
+from stageflow.catalog import CLASSIFICATION
 from stageflow.errors import UsageError
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from experiments.catalog import (  # noqa: F401 - re-exported for callers of `families`
+from experiments.features import CalendarFeatures
+from stageflow.catalog import (  # noqa: F401 - re-exported for callers of `families`
     CLASSIFICATION,
     FAMILIES,
     FAMILY_NAMES,
@@ -30,7 +31,6 @@ from experiments.catalog import (  # noqa: F401 - re-exported for callers of `fa
     LR,
     RF,
 )
-from experiments.features import CalendarFeatures
 from stageflow.errors import UsageError
 
 
