@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 5000
 DEFAULT_HOST = "127.0.0.1"
 HOME_ENV = "STAGEFLOW_HOME"
-# Set by `mlflow run` for the command it starts: the run it created and logged params on.
-PROJECT_RUN_ENV = "MLFLOW_RUN_ID"
+# The tag `mlflow run` puts on the run it creates and logs the entry point's params on.
+# (Its MLFLOW_RUN_ID variable is no signal: `mlflow.start_run` deletes it as it resumes.)
+PROJECT_ENTRY_POINT_TAG = "mlflow.project.entryPoint"
 # The keys whose value on the run is the project runner's shell-quoted form (a JSON list).
 QUOTED_PARAMS_TAG = "stageflow.quoted_params"
 # Where a value of ours that differs from the runner's (e.g. a resolved path) is kept.
@@ -123,7 +124,7 @@ def log_params(params: dict) -> None:
     Outside ``mlflow run`` this is ``mlflow.log_params``.
     """
     run = mlflow.active_run()
-    if run is None or os.environ.get(PROJECT_RUN_ENV) != run.info.run_id:
+    if run is None or PROJECT_ENTRY_POINT_TAG not in run.data.tags:
         mlflow.log_params(params)
         return
     logged = MlflowClient().get_run(run.info.run_id).data

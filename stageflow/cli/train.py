@@ -176,7 +176,7 @@ def run_train(args) -> int:
         task=args.task,
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,
-        id_columns=args.id_column,
+        id_columns=[c for c in args.id_column if c],  # MLproject passes "" for none
         strict=args.strict,
     )
     test = {k.removeprefix("test_"): v for k, v in result.metrics.items() if k.startswith("test_")}
@@ -216,7 +216,7 @@ def run_tune(args) -> int:
         # Nothing has run in this process yet (no threads, databases or OpenMP), so its
         # workers can be forked instead of spawned: seconds sooner at work.
         worker_start="fork",
-        id_columns=args.id_column,
+        id_columns=[c for c in args.id_column if c],  # MLproject passes "" for none
         strict=args.strict,
     )
     t = result.trials
