@@ -51,6 +51,7 @@ class StudyJob:
     parent_run_id: str
     threads: int = 1  # OpenMP threads per worker (trial_threads)
     optuna_verbosity: int = optuna.logging.WARNING
+    plan: object = None  # the data check's decisions (experiments.data_check.Plan), replayed
 
 
 def threads_per_worker(workers: int) -> int:
@@ -71,9 +72,15 @@ def trial_threads(threads: int):
     return threadpool_limits(limits={"openmp": threads, "blas": 1})
 
 
-def prepare(source: str, target: str, task: str | None, seed: int):
-    """The data exactly as ``train`` prepares it: features, splits and task."""
+def prepare(source: str, target: str, task: str | None, seed: int, plan=None):
+    """The data exactly as ``train`` prepares it: features, splits and task.
+
+    ``plan`` is the data check's decisions (dropped columns, parsed dates), made once
+    by the parent process and replayed here.
+    """
     frame = data.load(source)
+    if plan is not None:
+        frame = plan.apply(frame)
     X, y, task = data.features_and_target(frame, target, task)
     X = data.prepare_features(X)
     return X, data.split(X, y, task, seed), task
@@ -245,7 +252,7 @@ def run_trials(
         sampler=sampler(job.seed + worker),
         pruner=pruner(),
     )
-    _, splits, _ = prepare(job.source, job.target, job.task, job.seed)
+    _, splits, _ = prepare(job.source, job.target, job.task, job.seed, job.plan)
     objective = CrossValidation(
         splits.X_train, splits.y_train, job.task, job.metric, job.families, job.folds, job.seed
     )

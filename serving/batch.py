@@ -137,7 +137,7 @@ def score(
         mlflow.set_experiment(BATCH_EXPERIMENT)
     with mlflow.start_run(run_name=f"score-{model}-v{version}") as run:
         mlflow.set_tags({"stageflow.kind": "batch", "stageflow.model_name": model})
-        mlflow.log_params(
+        tracking.log_params(
             {
                 "model": model,
                 "version": version,
