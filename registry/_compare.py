@@ -23,9 +23,9 @@ import pandas as pd
 from mlflow.environment_variables import MLFLOW_RUN_ID
 from scipy import stats
 
-from experiments.catalog import CLASSIFICATION, PRIMARY_METRIC, TEST_SPLIT_ARTIFACT
 from registry import ledger
 from registry.policy import ComparisonPolicy
+from stageflow.catalog import CLASSIFICATION, PRIMARY_METRIC, TEST_SPLIT_ARTIFACT
 
 if TYPE_CHECKING:
     from registry.gates import GateContext
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TARGET_PARAM = "target"
-# mlflow.models.evaluate's names for the primary metrics (experiments.catalog.PRIMARY_METRIC).
+# mlflow.models.evaluate's names for the primary metrics (stageflow.catalog.PRIMARY_METRIC).
 EVALUATE_METRIC = {"accuracy": "accuracy_score", "rmse": "root_mean_squared_error"}
 MODEL_TYPE = {CLASSIFICATION: "classifier", "regression": "regressor"}
 # Resampled rows held in memory at once (resamples × rows), so large test splits stay flat.

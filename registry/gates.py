@@ -32,7 +32,7 @@ from mlflow.entities.model_registry import ModelVersion
 from registry import _compare
 from registry._stages import PRODUCTION, STAGING, current_version
 from registry.policy import TASK_METRICS, LatencyBudget, Policy, Threshold
-from serving import guarded_model
+from stageflow.contract import input_columns
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +204,8 @@ def schema_compatible(ctx: GateContext) -> CheckResult:
     if champion is None:
         return CheckResult(name, True, "no Production version to stay compatible with")
     try:
-        old = guarded_model.input_columns(ctx.load(champion))
-        new = guarded_model.input_columns(ctx.load(str(ctx.version.version)))
+        old = input_columns(ctx.load(champion))
+        new = input_columns(ctx.load(str(ctx.version.version)))
     except Exception as exc:  # noqa: BLE001 - an unreadable contract is the verdict
         return CheckResult(name, False, f"could not read the input columns: {_first_line(exc)}")
     if old is None or new is None:
