@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
+from tqdm import tqdm
 
 from registry import PRODUCTION, current_version, require_model
 from stageflow import tracking
@@ -61,12 +63,16 @@ def score(
     tracking_uri: str | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     model_config: dict | None = None,
+    progress: bool = False,
 ) -> ScoreResult:
     """Score ``input_path`` with the Production version of ``model`` into ``output_path``.
 
     The output holds the input's columns, a ``prediction`` column and the
     ``model_version`` that made it; a run in the ``stageflow-batch`` experiment
     records rows, seconds, version and the input's digest.
+
+    Args:
+        progress: draw a progress bar of the rows scored on stderr.
 
     Raises:
         UsageError: bad paths or suffixes, or input columns the model needs are missing.
@@ -101,6 +107,14 @@ def score(
     rows = 0
     partial = output_path.with_name(f".{output_path.name}.partial")
     writer = _Writer(partial)
+    bar = tqdm(
+        total=_row_count(input_path),  # None for CSV: rows and rate, without a total
+        desc=f"score {model} v{version}",
+        unit="rows",
+        unit_scale=True,
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
         for chunk in _chunks(input_path, chunk_rows, dtypes):
             if rows == 0 and columns:
@@ -122,12 +136,14 @@ def score(
             out[VERSION_COLUMN] = int(version)
             writer.write(out)
             rows += len(chunk)
+            bar.update(len(chunk))
             logger.info("scored %d rows", rows)
         if rows == 0:
             raise UsageError(f"{input_path} has no rows to score")
         writer.close()
         os.replace(partial, output_path)
     finally:
+        bar.close()
         writer.close()
         partial.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
@@ -159,6 +175,16 @@ def score(
         input_digest=digest,
         run_id=run.info.run_id,
     )
+
+
+def _row_count(path: Path) -> int | None:
+    """The input's rows when the file says so without reading it (Parquet's footer)."""
+    if path.suffix.lower() != ".parquet":
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (ValueError, OSError, pa.ArrowException):
+        return None  # reading it fails in _chunks, with the one-line error
 
 
 def _chunks(path: Path, chunk_rows: int, dtypes: dict[str, str]) -> Iterator[pd.DataFrame]:

@@ -106,7 +106,15 @@ def run(args) -> int:
         return 0
     if args.server_command == "stop":
         stopped = server.stop()
-        print(f"stopped the tracking server at {stopped.uri}" if stopped else "no server to stop")
+        if stopped is None:
+            print("no server to stop")
+        elif stopped.stale:
+            print(
+                f"removed a stale {server.STATE_FILE}: pid {stopped.pid} is no longer the "
+                "tracking server it records, so nothing was signalled"
+            )
+        else:
+            print(f"stopped the tracking server at {stopped.uri}")
         return 0
     info = server.start(
         port=args.port,
