@@ -259,7 +259,7 @@ class Plan:
     unneeded: Mapping[int, str]
 
 
-def plan(state: State, policy: SwitchPolicy = SwitchPolicy()) -> Plan:  # noqa: B008 - frozen
+def plan(state: State, policy: SwitchPolicy = SwitchPolicy()) -> Plan:
     """Decide what to do next about ``state``.
 
     Later rules see what earlier ones decided in the same plan: a slot stopped
