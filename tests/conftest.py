@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from stageflow import processes, server
+from tests.helpers import UNTIMED_LATENCY_YAML
 
 # Keep test output readable and --json output clean, as the CLI does.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -54,6 +56,25 @@ def no_leaked_run():
 
 
 @pytest.fixture(scope="session")
+def untimed_policy(tmp_path_factory) -> Path:
+    """A policy file whose latency budget no machine can exceed; defaults otherwise."""
+    path = tmp_path_factory.mktemp("policy") / "untimed-latency.yaml"
+    path.write_text(UNTIMED_LATENCY_YAML)
+    return path
+
+
+@pytest.fixture
+def untime_promotions(tracking_uri, untimed_policy):
+    """``untime_promotions(name)``: store the untimed policy on model ``name`` (its tag)."""
+    from registry import set_policy
+
+    def untime(name: str, tracking_uri: str = tracking_uri) -> None:
+        set_policy(name, untimed_policy, tracking_uri)
+
+    return untime
+
+
+@pytest.fixture(scope="session")
 def wine_models(tracking_server):
     """Two real trained versions (lr, rf on builtin:wine), trained once per session.
 
@@ -72,11 +93,16 @@ def wine_models(tracking_server):
 
 
 @pytest.fixture
-def register_versions(tracking_uri, wine_models):
-    """``register_versions(name)`` → versions "1" (lr) and "2" (rf) of ``name``."""
+def register_versions(tracking_uri, wine_models, untime_promotions):
+    """``register_versions(name)`` → versions "1" (lr) and "2" (rf) of ``name``.
+
+    The model promotes under the untimed policy (``UNTIMED_LATENCY_YAML``).
+    """
 
     def register(name: str) -> list[str]:
-        return [mlflow.register_model(source, name).version for source in wine_models]
+        versions = [mlflow.register_model(source, name).version for source in wine_models]
+        untime_promotions(name)
+        return versions
 
     return register
 

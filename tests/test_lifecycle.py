@@ -48,7 +48,9 @@ def wait_for_version(url, payload, version: str) -> float:
     pytest.fail(f"the front door never served version {version}")
 
 
-def test_a_model_lives_its_whole_life_through_the_cli(tracking_uri, model_name, tmp_path):
+def test_a_model_lives_its_whole_life_through_the_cli(
+    tracking_uri, model_name, tmp_path, untimed_policy
+):
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "STAGEFLOW_HOME": str(tmp_path / "home")}
     versions = []
     for family in ("lr", "rf"):
@@ -67,6 +69,8 @@ def test_a_model_lives_its_whole_life_through_the_cli(tracking_uri, model_name, 
         )
         versions.append(json.loads(out)["version"])
     assert versions == ["1", "2"]
+    # Promotion speed is not this test's subject (tests/conftest.py, UNTIMED_LATENCY_YAML).
+    cli("policy", "set", "--model", model_name, "--file", str(untimed_policy), env=env)
     cli("promote", "--model", model_name, "--version", "1", "--to", "Staging", env=env)
     cli("promote", "--model", model_name, "--version", "1", "--to", "Production", env=env)
 
