@@ -133,3 +133,25 @@ def postgres_database():
             yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# Slowest modules first (cold starts of real model servers, end-to-end stories), the
+# rest in collection order: `make test` hands tests to its workers in this order
+# (`--dist loadgroup --no-loadscope-reorder`), so the long ones start at once and the
+# short ones fill in around them instead of one long test ending the run alone.
+SLOWEST_FIRST = (
+    "tests/test_demo.py",
+    "tests/test_lifecycle.py",
+    "tests/serving/test_serve.py",
+    "tests/test_mlproject.py",
+    "tests/test_ui.py",
+    "tests/serving/test_guarded.py",
+    "tests/experiments/test_tune.py",
+    "tests/registry/test_consistency.py",
+    "tests/registry/test_gates.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: position for position, path in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
