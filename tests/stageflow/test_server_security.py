@@ -55,7 +55,7 @@ def test_a_loopback_host_needs_no_auth_and_a_host_name_is_not_loopback():
 
 @pytest.mark.slow
 def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_with_them(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, untimed_policy
 ):
     monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
     info = server.start(port=processes.free_port(), home=tmp_path, auth=True, tie_to_parent=True)
@@ -91,6 +91,8 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
         assert trained.returncode == 0, trained.stderr
         assert json.loads(trained.stdout)["version"] == "1"
         for command in (
+            # Promotion speed is not this test's subject (tests/helpers.py, UNTIMED_LATENCY_YAML).
+            ("policy", "set", "--model", "team-wine", "--file", str(untimed_policy)),
             ("promote", "--model", "team-wine", "--version", "1", "--to", "Staging"),
             ("promote", "--model", "team-wine", "--version", "1", "--to", "Production"),
             ("status", "--model", "team-wine", "--json"),
