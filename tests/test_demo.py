@@ -10,8 +10,8 @@ from tests.helpers import processes_mentioning
 
 pytestmark = pytest.mark.slow
 
-# The demo waits up to 300 s for each of three switches on a busy machine.
-DEMO_TIMEOUT_S = 1200
+# The demo waits up to 300 s for each of three switches, and trains first, on a busy machine.
+DEMO_TIMEOUT_S = 1800
 
 
 @pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
