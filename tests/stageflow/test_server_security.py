@@ -55,7 +55,7 @@ def test_a_loopback_host_needs_no_auth_and_a_host_name_is_not_loopback():
 
 @pytest.mark.slow
 def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_with_them(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, untimed_policy
 ):
     monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
     info = server.start(port=processes.free_port(), home=tmp_path, auth=True, tie_to_parent=True)
@@ -90,8 +90,13 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
         )  # fmt: skip
         assert trained.returncode == 0, trained.stderr
         assert json.loads(trained.stdout)["version"] == "1"
-        status = _stageflow("status", "--model", "team-wine", "--json", env=creds)
-        assert status.returncode == 0, status.stderr
+        # Promotion speed is not this test's subject (tests/helpers.py, UNTIMED_LATENCY_YAML).
+        for command in (
+            ("policy", "set", "--model", "team-wine", "--file", str(untimed_policy)),
+            ("status", "--model", "team-wine", "--json"),
+        ):
+            answer = _stageflow(*command, env=creds)
+            assert answer.returncode == 0, (command, answer.stderr)
 
         # Roles: two promoters take turns through the registry lock; a reader reads only.
         def user(name, role):
