@@ -20,6 +20,7 @@ from mlflow.models.utils import SERVING_INPUT_PATH, load_serving_example
 # load_model as model_config; imported, so a rename in MLflow fails loudly here.
 from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
 
+from serving._hold_answers import PROTOCOL
 from serving._slots import Replica, Slot
 from stageflow import processes
 from stageflow.errors import StageflowError
@@ -71,7 +72,10 @@ def environment(
 
     ``mlflow models serve`` starts ``uvicorn`` from PATH and hands it its
     environment; uvicorn reads ``UVICORN_*`` variables as options, so
-    ``UVICORN_HEADERS`` adds the header to every response of that server.
+    ``UVICORN_HEADERS`` adds the header to every response of that server, and
+    ``UVICORN_HTTP`` makes it write each answer in one piece, so a replica killed
+    mid-answer sends nothing and the front door retries on a sibling
+    (``serving/_hold_answers.py``).
     ``model_config`` reaches the pyfunc's ``load_model`` through MLflow's
     ``SERVING_MODEL_CONFIG``.
     """
@@ -79,6 +83,7 @@ def environment(
         "MLFLOW_TRACKING_URI": tracking_uri,
         "MLFLOW_REGISTRY_URI": tracking_uri,
         "UVICORN_HEADERS": f"{VERSION_HEADER}:{version}",
+        "UVICORN_HTTP": PROTOCOL,
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         **SINGLE_THREADED,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
+from tqdm import tqdm
 
 from registry import PRODUCTION, current_version, require_model
 from serving.inference_log import BATCH, InferenceLog
@@ -62,12 +64,16 @@ def score(
     tracking_uri: str | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     model_config: dict | None = None,
+    progress: bool = False,
 ) -> ScoreResult:
     """Score ``input_path`` with the Production version of ``model`` into ``output_path``.
 
     The output holds the input's columns, a ``prediction`` column and the
     ``model_version`` that made it; a run in the ``stageflow-batch`` experiment
     records rows, seconds, version and the input's digest.
+
+    Args:
+        progress: draw a progress bar of the rows scored on stderr.
 
     Raises:
         UsageError: bad paths or suffixes, or input columns the model needs are missing.
@@ -105,6 +111,14 @@ def score(
     rows = 0
     partial = output_path.with_name(f".{output_path.name}.partial")
     writer = _Writer(partial)
+    bar = tqdm(
+        total=_row_count(input_path),  # None for CSV: rows and rate, without a total
+        desc=f"score {model} v{version}",
+        unit="rows",
+        unit_scale=True,
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
         for chunk in _chunks(input_path, chunk_rows, dtypes):
             if rows == 0 and columns:
@@ -128,6 +142,7 @@ def score(
             if log is not None:
                 log.record_frame(features, out[PREDICTION_COLUMN], run_id, first_row=rows)
             rows += len(chunk)
+            bar.update(len(chunk))
             logger.info("scored %d rows", rows)
         if rows == 0:
             raise UsageError(f"{input_path} has no rows to score")
@@ -138,6 +153,7 @@ def score(
             client.set_terminated(run_id, "FAILED")
         raise
     finally:
+        bar.close()
         writer.close()
         partial.unlink(missing_ok=True)
         if log is not None:
@@ -149,7 +165,7 @@ def score(
         mlflow.set_experiment(BATCH_EXPERIMENT)  # the experiment the run was created in
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags({"stageflow.kind": "batch", "stageflow.model_name": model})
-        mlflow.log_params(
+        tracking.log_params(
             {
                 "model": model,
                 "version": version,
@@ -192,6 +208,16 @@ def _inference_log(pyfunc, model: str, version: str, tracking_uri: str):
     return InferenceLog.for_model(
         pyfunc, model, version, source=BATCH, tracking_uri=tracking_uri
     ).start()
+
+
+def _row_count(path: Path) -> int | None:
+    """The input's rows when the file says so without reading it (Parquet's footer)."""
+    if path.suffix.lower() != ".parquet":
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (ValueError, OSError, pa.ArrowException):
+        return None  # reading it fails in _chunks, with the one-line error
 
 
 def _chunks(path: Path, chunk_rows: int, dtypes: dict[str, str]) -> Iterator[pd.DataFrame]:

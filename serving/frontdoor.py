@@ -15,6 +15,10 @@ failed ``POST`` on another replica. That is safe because a prediction has no
 side effect: sending it twice gives the same answer. A refused connection is
 retried for any request, and the failed replica is passed over for
 ``FrontDoorTimings.fail_duration`` until the active health check notices.
+Caddy retries only until an upstream's headers arrive, and forwards them at
+once (``response_buffers`` changes neither), so each model server writes its
+whole answer at once (``serving/_hold_answers.py``): a replica that dies
+mid-answer has sent nothing, and the request goes to a sibling.
 """
 
 from __future__ import annotations

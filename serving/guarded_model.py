@@ -6,8 +6,14 @@ Stageflow's and no class is pickled. The pipeline is stored with skops and
 loaded with exactly the types it was logged with; the contract is a JSON file
 learned from the training split:
 
-- per column: numeric or categorical, its type, whether training saw missing
-  values, the observed range (numeric) or the categories seen (categorical);
+- per column: numeric, categorical or datetime, its type, whether training saw
+  missing values, the observed range (numeric), the categories seen
+  (categorical), or the format its training strings had (datetime: any date
+  parses, later ones included; text that is no date is ``wrong_type``);
+- ``ignored_columns``: columns training dropped (identifiers, constants) that a
+  request may still send; they are accepted and dropped before the checks. A
+  ``model_config`` ``ignored_columns`` (a list, or names separated by commas)
+  adds more at serve time;
 - the target: the classes, or the observed range of a regression target.
 
 Every request is checked against it before the pipeline runs, and every
@@ -57,7 +63,7 @@ logger = logging.getLogger("stageflow.guard")
 
 CONTRACT_VERSION = 1
 CLASSIFICATION, REGRESSION = "classification", "regression"
-NUMERIC, CATEGORICAL = "numeric", "categorical"
+NUMERIC, CATEGORICAL, DATETIME = "numeric", "categorical", "datetime"
 # Values more than this fraction of the training range's width outside it are refused:
 # wide enough that a real outlier passes (drift is monitoring's job), narrow enough that
 # a unit mix-up or a sentinel like 9999 does not.
@@ -67,7 +73,8 @@ POLICIES = {"unknown_category": ("reject", "flag"), "abnormal_output": ("reject"
 DEFAULT_POLICY = {name: choices[0] for name, choices in POLICIES.items()}
 # Artifact keys of the logged model.
 PIPELINE, CONTRACT = "pipeline", "contract"
-# model_config keys that are not policies.
+# The model_config key (and contract key) naming columns a request may send and the model
+# drops; the model_config key of the inference log's settings (serving/inference_log.py).
 IGNORED_COLUMNS, INFERENCE_LOG = "ignored_columns", "inference_log"
 # The model_config a version is logged with. MLflow lets a load-time model_config
 # override only the keys logged here, so every key serving may set must be present.
@@ -116,15 +123,34 @@ class AbnormalOutput(Rejected):
 
 
 def learn_contract(
-    X: pd.DataFrame, y: pd.Series, task: str, numeric_columns: list[str], trusted_types: list[str]
+    X: pd.DataFrame,
+    y: pd.Series,
+    task: str,
+    numeric_columns: list[str],
+    trusted_types: list[str],
+    *,
+    date_formats: dict[str, str | None] | None = None,
+    ignored_columns=(),
 ) -> dict:
-    """The contract of a pipeline trained on ``X``/``y`` (JSON-ready)."""
+    """The contract of a pipeline trained on ``X``/``y`` (JSON-ready).
+
+    Args:
+        date_formats: the strftime format each datetime column's training strings
+            had (None: any), tried first when a request's dates are parsed.
+        ignored_columns: columns a request may send that the model drops unchecked.
+    """
     columns = []
     for name in X.columns:
         values = X[name]
         spec = {"name": str(name), "nullable": bool(values.isna().any())}
         present = values.dropna()
-        if name in numeric_columns:
+        if pd.api.types.is_datetime64_any_dtype(values):
+            spec["kind"], spec["type"] = DATETIME, "datetime"
+            spec["format"] = (date_formats or {}).get(str(name))
+            # For the record (monitoring): later dates are accepted, never refused.
+            spec["min"] = present.min().isoformat() if len(present) else None
+            spec["max"] = present.max().isoformat() if len(present) else None
+        elif name in numeric_columns:
             spec["kind"], spec["type"] = NUMERIC, "double"
             spec["min"] = float(present.min()) if len(present) else None
             spec["max"] = float(present.max()) if len(present) else None
@@ -144,6 +170,7 @@ def learn_contract(
         "version": CONTRACT_VERSION,
         "task": task,
         "columns": columns,
+        IGNORED_COLUMNS: [str(c) for c in ignored_columns],
         "target": target,
         "range_tolerance": RANGE_TOLERANCE,
         "skops_trusted_types": list(trusted_types),
@@ -170,19 +197,21 @@ def check_policy(config: dict | None) -> dict:
 class Guard:
     """The contract, compiled for checking requests fast.
 
-    ``ignored`` names columns a request may carry beside the contract's (an id
-    column): never refused as unexpected, never passed on.
+    Args:
+        ignored: more columns to accept and drop, beside the contract's ``ignored_columns``
+            (an id column): never refused as unexpected, never passed on.
     """
 
-    def __init__(self, contract: dict, policy: dict, ignored: list[str] | tuple = ()):
+    def __init__(self, contract: dict, policy: dict, ignored=()):
         self.contract = contract
         self.policy = policy
         self.names = [c["name"] for c in contract["columns"]]
         self._known = set(self.names)
-        self.ignored = (set(contract.get(IGNORED_COLUMNS) or ()) | set(ignored)) - self._known
+        self.ignored = (set(contract.get(IGNORED_COLUMNS, ())) | set(ignored)) - self._known
         self._index = pd.Index(self.names)
         self.numeric = [c for c in contract["columns"] if c["kind"] == NUMERIC]
         self.categorical = [c for c in contract["columns"] if c["kind"] == CATEGORICAL]
+        self.dates = [c for c in contract["columns"] if c["kind"] == DATETIME]
         tolerance = contract["range_tolerance"]
         low, high = [], []
         for c in self.numeric:
@@ -194,16 +223,21 @@ class Guard:
         self.categories = [frozenset(c["categories"]) for c in self.categorical]
         self.numeric_names = [c["name"] for c in self.numeric]
         self.categorical_names = [c["name"] for c in self.categorical]
+        self.date_names = [c["name"] for c in self.dates]
+        # The columns `check` returns as object arrays, in order: categorical, then dates.
+        self.object_names = self.categorical_names + self.date_names
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
 
     def check(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray], int]:
-        """The request's numeric columns as one float matrix and its categorical columns.
+        """The request's numeric columns as one float matrix and its other columns.
 
         Returns:
-            ``(numeric, categorical, flagged)``: missing categorical values are
-            ``None``; ``flagged`` lists the rows with an unknown category accepted
-            under ``flag`` (a row once per such value).
+            ``(numeric, categorical, flagged)``: ``categorical`` holds one object
+            array per name in ``object_names`` (the categorical columns, then the
+            date columns as Timestamps); missing values are ``None``; ``flagged``
+            lists the rows with an unknown category accepted under ``flag`` (a row
+            once per such value).
 
         Raises:
             Rejected: naming the first row and column that breaks the contract.
@@ -218,6 +252,8 @@ class Guard:
             values, unknown = self._check_categorical(frame[spec["name"]].to_numpy(), spec, allowed)
             categorical.append(values)
             flagged += unknown
+        for spec in self.dates:
+            categorical.append(_check_datetime(frame[spec["name"]].to_numpy(), spec))
         return numeric, categorical, flagged
 
     def count(self, what: str) -> int:
@@ -242,7 +278,7 @@ class Guard:
     def _numeric(self, frame: pd.DataFrame) -> np.ndarray:
         if not self.numeric:
             return np.empty((len(frame), 0))
-        if not self.categorical:
+        if not self.categorical and not self.dates:
             values = frame.to_numpy()  # all numbers: one float block, else objects
             if values.dtype.kind in "fiu":
                 return values.astype(np.float64, copy=False)
@@ -328,6 +364,67 @@ class Guard:
                 unknown.append(row)
             out[row] = value
         return out, unknown
+
+
+def _check_datetime(values: np.ndarray, spec: dict) -> np.ndarray:
+    """A date column as Timestamps (None where missing), refusing what is not a date.
+
+    Strings parse in the training format first, then as any date pandas reads
+    (ISO 8601 and the like): a client need not know how the training file wrote
+    its dates. Dates after the training period are accepted.
+    """
+    name = spec["name"]
+    out = np.empty(len(values), dtype=object)
+    if values.dtype.kind == "M":  # already datetime64 (a Parquet file in batch scoring)
+        for row, value in enumerate(pd.DatetimeIndex(values)):
+            out[row] = None if pd.isna(value) else value
+        if not spec["nullable"] and any(v is None for v in out):
+            row = next(r for r, v in enumerate(out) if v is None)
+            raise Rejected(name, "missing_value", "missing (null), and training had none", row)
+        return out
+    texts = {}
+    for row, value in enumerate(values):
+        value = _scalar(value)
+        if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
+            if not spec["nullable"]:
+                raise Rejected(
+                    name, "missing_value", "missing (null), and training had no missing values", row
+                )
+            out[row] = None
+        elif isinstance(value, pd.Timestamp):
+            out[row] = value
+        elif isinstance(value, str):
+            texts[row] = value
+        else:
+            raise Rejected(
+                name, "wrong_type", f"expected a date or time, got {type(value).__name__}", row
+            )
+    if texts:
+        rows = list(texts)
+        strings = pd.Series(list(texts.values()), dtype=object)
+        try:
+            parsed = list(pd.to_datetime(strings, format=spec.get("format"), errors="coerce"))
+        except (TypeError, ValueError):  # e.g. mixed time zones: each value on its own
+            parsed = [pd.NaT] * len(strings)
+        parsed = [_any_date(t) if pd.isna(v) else v for t, v in zip(strings, parsed, strict=True)]
+        for row, value in zip(rows, parsed, strict=True):
+            if pd.isna(value):
+                raise Rejected(
+                    name,
+                    "wrong_type",
+                    "expected a date or time (e.g. 2024-01-31), got text that is not one",
+                    row,
+                )
+            out[row] = value
+    return out
+
+
+def _any_date(text: str):
+    try:
+        value = pd.to_datetime(text, format="mixed")
+    except (TypeError, ValueError, OverflowError):
+        return pd.NaT
+    return pd.NaT if value is None else value
 
 
 def _widened(lo: float | None, hi: float | None, tolerance: float) -> tuple[float, float]:
@@ -482,10 +579,10 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
         self.policy = check_policy(config)
         log_config = config.get(INFERENCE_LOG)
         self.id_column = (log_config or {}).get("id_column")
-        ignored = [
-            *(config.get(IGNORED_COLUMNS) or ()),
-            *([self.id_column] if self.id_column else []),
-        ]
+        ignored = config.get(IGNORED_COLUMNS) or ()
+        if isinstance(ignored, str):
+            ignored = [c.strip() for c in ignored.split(",") if c.strip()]
+        ignored = [*ignored, *([self.id_column] if self.id_column else [])]
         self.guard = Guard(contract, self.policy, ignored)
         self.classify = contract["task"] == CLASSIFICATION
         self.estimator = pipeline[-1]
@@ -567,7 +664,7 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
                 **dict(zip(self.guard.numeric_names, numeric.T, strict=True)),
                 **{
                     name: np.where(values == None, np.nan, values)  # noqa: E711 - elementwise
-                    for name, values in zip(self.guard.categorical_names, categorical, strict=True)
+                    for name, values in zip(self.guard.object_names, categorical, strict=True)
                 },
             },
             index=frame.index,

@@ -292,7 +292,7 @@ class InferenceLog:
         return cls(
             LogSettings(model=model, version=str(version), **{"source": BATCH, **settings}),
             guard.numeric_names,
-            guard.categorical_names,
+            _text_columns(guard),
             classify=guarded.classify,
         )
 
@@ -706,6 +706,12 @@ def find_or_create_run(client, model: str, version: str) -> str:
     return keep
 
 
+def _text_columns(guard) -> list[str]:
+    """The guard's columns checked as objects, in the order its ``check`` returns them:
+    categorical, then dates (logged as ISO text)."""
+    return list(getattr(guard, "object_names", guard.categorical_names))
+
+
 def _uploaded_marker(path: Path) -> Path:
     return path.with_name(f".{path.name}.uploaded")
 
@@ -720,7 +726,14 @@ def _text(values: np.ndarray) -> pa.Array:
         return pa.array(values, pa.string(), from_pandas=True)
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         return pa.array(
-            [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in values],
+            [
+                None
+                if v is None or (isinstance(v, float) and v != v)
+                else v.isoformat()
+                if hasattr(v, "isoformat")
+                else str(v)
+                for v in values
+            ],
             pa.string(),
         )
 
@@ -851,7 +864,7 @@ def attach(guard, classify: bool, config: dict) -> InferenceLog | None:
     log = None
     if settings.fraction > 0.0:
         log = InferenceLog(
-            settings, guard.numeric_names, guard.categorical_names, classify=classify
+            settings, guard.numeric_names, _text_columns(guard), classify=classify
         ).start()
         logger.info(
             "inference log of %s version %s: %s, segments in %s",
