@@ -202,7 +202,7 @@ def _bin_labels(edges: np.ndarray) -> list[str]:
     bounds = [f"{e:.4g}" for e in edges]
     return (
         [f"< {bounds[0]}"]
-        + [f"[{a}, {b})" for a, b in zip(bounds, bounds[1:])]
+        + [f"[{a}, {b})" for a, b in zip(bounds, bounds[1:], strict=False)]
         + [f">= {bounds[-1]}"]
     )
 

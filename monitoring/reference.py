@@ -143,7 +143,7 @@ def from_test_split(client, run_id: str, model_uri: str, tmp: str) -> dict:
     """A reference for a version logged before references: its test split and its answers."""
     import mlflow  # noqa: PLC0415
 
-    from experiments.catalog import TEST_SPLIT_ARTIFACT  # noqa: PLC0415
+    from stageflow.catalog import TEST_SPLIT_ARTIFACT  # noqa: PLC0415
 
     run = client.get_run(run_id)
     target = run.data.params.get("target", "target")

@@ -21,12 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 
-from experiments.data import FILE_SUFFIXES, file_digest
-from registry import PRODUCTION, current_version
-from registry._stages import require_model
-from serving import guarded_model
+from registry import PRODUCTION, current_version, require_model
 from stageflow import tracking
+from stageflow.contract import input_columns
 from stageflow.errors import StageflowError, UsageError
+from stageflow.files import FILE_SUFFIXES, file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ def score(
         )
     # The guarded model's policies (``unknown_category``, ``abnormal_output``), as `serve` has.
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}", model_config=model_config)
-    spec = guarded_model.input_columns(pyfunc)
+    spec = input_columns(pyfunc)
     columns = list(spec) if spec is not None else None
     dtypes = {c: CSV_DTYPES[kind] for c, (kind, _) in (spec or {}).items() if kind in CSV_DTYPES}
 
