@@ -9,8 +9,8 @@ Public surface:
 The reference distributions a version is trained with: ``monitoring.reference``.
 """
 
-from monitoring.feedback import MONITORING_EXPERIMENT, FeedbackResult, feedback
-from monitoring.monitor import MonitorResult, VersionReport, monitor
+from monitoring.assess import MonitorResult, VersionReport, monitor
+from monitoring.labels import MONITORING_EXPERIMENT, FeedbackResult, feedback
 from monitoring.read import read_log
 from monitoring.window import DEFAULT_SINCE, Window, parse_duration
 

@@ -15,7 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from monitoring import feedback, monitor
+from monitoring import assess, labels
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def log_run(client, model: str, report, window, policy_source: str, cfg: dict) -
     """Record ``report`` as a run in ``stageflow-monitoring``; its run id."""
     from mlflow.entities import Metric, RunTag  # noqa: PLC0415
 
-    experiment_id = feedback.experiment(client)
+    experiment_id = labels.experiment(client)
     end_ms = int(window.end.timestamp() * 1000)
     tags = {
-        "stageflow.kind": monitor.MONITOR_KIND,
+        "stageflow.kind": assess.MONITOR_KIND,
         "stageflow.model": model,
         "stageflow.version": report.version,
         "stageflow.role": report.role,
@@ -85,8 +85,8 @@ def log_run(client, model: str, report, window, policy_source: str, cfg: dict) -
         "stageflow.alarm": str(bool(report.alarm_details)).lower(),
         "stageflow.drifted_columns": ", ".join(report.drifted_columns)[:5000],
     }
-    if monitor.project_run_id():
-        tags["stageflow.project_run_id"] = monitor.project_run_id()
+    if assess.project_run_id():
+        tags["stageflow.project_run_id"] = assess.project_run_id()
     run = client.create_run(
         experiment_id,
         start_time=end_ms,

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from stageflow.errors import UsageError
 
 DEFAULT_SINCE = "1h"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 
 
 def parse_duration(text: str) -> timedelta:
-    """``"90s"``, ``"15m"``, ``"2h"``, ``"7d"`` as a timedelta.
+    """``"90s"``, ``"15m"``, ``"2h"``, ``"7d"`` as a timedelta (the policy's own grammar).
 
     Raises:
-        UsageError: not a positive number followed by s, m, h or d.
+        UsageError: not a positive duration.
     """
-    match = _DURATION.match(str(text))
-    if not match or float(match.group(1)) <= 0:
-        raise UsageError(
-            f"duration {text!r} is not like 90s, 15m, 2h or 7d (a positive number and s, m, h or d)"
-        )
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    from registry.policy import parse_duration as parse  # noqa: PLC0415 - one grammar
+
+    try:
+        duration = parse(str(text).strip())
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from None
+    if duration <= timedelta(0):
+        raise UsageError(f"--since: {text!r} is not a positive duration (like 15m or 2h)")
+    return duration
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from monitoring import drift, feedback, read, reference, thresholds
+from monitoring import drift, labels, read, reference, thresholds
 from monitoring.performance import PRIMARY, LiveMetrics, live_metrics
 from monitoring.window import DEFAULT_SINCE, Window
 from stageflow.errors import UsageError
@@ -163,11 +163,11 @@ def monitor(
     client = tracking.client(tracking_uri)
     roles = _roles(client, model)
     policy_source, cfg = thresholds.resolve(client, model, policy)
-    labels = feedback.load_labels(client, model)
+    known_labels = labels.load_labels(client, model)
     reports = []
     for version, run_id in sorted(read.log_runs(client, model).items(), key=_version_order):
         report = _monitor_version(
-            client, model, version, roles.get(version, OTHER), run_id, window, cfg, labels
+            client, model, version, roles.get(version, OTHER), run_id, window, cfg, known_labels
         )
         if report is None:
             continue
@@ -236,7 +236,7 @@ class _Traffic:
             self.latencies.append(latency.astype(np.float32))
 
 
-def _monitor_version(client, model, version, role, run_id, window, cfg, labels):
+def _monitor_version(client, model, version, role, run_id, window, cfg, known_labels):
     ref = reference.load(client, model, version)
     task = ref.get("task", "regression")
     inputs = {
@@ -245,7 +245,7 @@ def _monitor_version(client, model, version, role, run_id, window, cfg, labels):
     }
     predicted = drift.Accumulator(reference.PREDICTION, ref[reference.PREDICTION])
     traffic = _Traffic()
-    labelled = _Labelled(labels)
+    labelled = _Labelled(known_labels)
     for frame in read.iter_version(client, run_id, window):
         traffic.add(frame)
         answered = frame[frame["outcome"].astype(str) != REFUSED]
@@ -322,23 +322,23 @@ def _values(series: pd.Series, kind: str):
 class _Labelled:
     """The answered rows that have a label, joined on ``id`` or on (``request_id``, ``row``)."""
 
-    def __init__(self, labels: dict):
-        self.labels = labels
+    def __init__(self, by_key: dict):
+        self.by_key = by_key
         self.count = 0
         self._predicted: list[np.ndarray] = []
         self._truth: list[np.ndarray] = []
 
     def add(self, frame: pd.DataFrame) -> None:
-        for key, table in self.labels.items():
+        for key, table in self.by_key.items():
             key = list(key)
             if not all(k in frame.columns for k in key):
                 continue
             left = frame[[*key, "prediction"]].dropna(subset=key).copy()
-            if feedback.ID in key:
-                left[feedback.ID] = left[feedback.ID].astype(str)
+            if labels.ID in key:
+                left[labels.ID] = left[labels.ID].astype(str)
             else:
-                left[feedback.REQUEST_ID] = left[feedback.REQUEST_ID].astype(str)
-                left[feedback.ROW] = pd.to_numeric(left[feedback.ROW]).astype("int64")
+                left[labels.REQUEST_ID] = left[labels.REQUEST_ID].astype(str)
+                left[labels.ROW] = pd.to_numeric(left[labels.ROW]).astype("int64")
             right = table.copy()
             for k in key:
                 right[k] = right[k].astype(left[k].dtype)
@@ -346,7 +346,7 @@ class _Labelled:
             if len(joined):
                 self.count += len(joined)
                 self._predicted.append(joined["prediction"].to_numpy())
-                self._truth.append(joined[feedback.LABEL].to_numpy())
+                self._truth.append(joined[labels.LABEL].to_numpy())
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
         predicted = np.concatenate(self._predicted)
