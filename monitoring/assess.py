@@ -218,12 +218,12 @@ class _Traffic:
 
     def add(self, frame: pd.DataFrame) -> None:
         self.rows += len(frame)
-        outcome = frame["outcome"].astype(str)
-        self.sources.update(frame["source"].astype(str).value_counts().to_dict())
-        self.outcomes.update(outcome.value_counts().to_dict())
+        outcome = frame["outcome"]
+        self.sources.update(_counts(frame["source"]))
+        self.outcomes.update(_counts(outcome))
         problems = frame.loc[outcome.isin([REFUSED, FLAGGED]), ["outcome", "problem"]]
-        for (kind, problem), n in problems.fillna("unknown").value_counts().items():
-            self.problems.setdefault(kind, Counter())[str(problem)] += int(n)
+        for (kind, problem), n in problems.astype(object).fillna("unknown").value_counts().items():
+            self.problems.setdefault(str(kind), Counter())[str(problem)] += int(n)
         # A request's first row stands for it; a refused request is logged as one row.
         rows = pd.to_numeric(frame["row"], errors="coerce")
         first = (outcome == REFUSED) | (rows <= 0)
@@ -236,31 +236,58 @@ class _Traffic:
             self.latencies.append(latency.astype(np.float32))
 
 
-def _monitor_version(client, model, version, role, run_id, window, cfg, known_labels):
-    ref = reference.load(client, model, version)
-    task = ref.get("task", "regression")
-    inputs = {
-        name: drift.Accumulator(name, spec, seed=i)
-        for i, (name, spec) in enumerate(ref["columns"].items())
-    }
-    predicted = drift.Accumulator(reference.PREDICTION, ref[reference.PREDICTION])
-    traffic = _Traffic()
-    labelled = _Labelled(known_labels)
-    for frame in read.iter_version(client, run_id, window):
-        traffic.add(frame)
-        answered = frame[frame["outcome"].astype(str) != REFUSED]
+def _counts(values: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in values.value_counts().items() if v}
+
+
+class Gathered:
+    """One version's rows, accumulated batch by batch: traffic, inputs, predictions, labels."""
+
+    def __init__(self, ref: dict, known_labels: dict):
+        self.ref = ref
+        self.inputs = {
+            name: drift.Accumulator(name, spec, seed=i)
+            for i, (name, spec) in enumerate(ref["columns"].items())
+        }
+        self.predicted = drift.Accumulator(reference.PREDICTION, ref[reference.PREDICTION])
+        self.traffic = _Traffic()
+        self.labelled = _Labelled(known_labels)
+
+    def columns(self) -> list[str]:
+        """The log columns this needs: traffic and inputs, the ids only when labels exist."""
+        keys = [k for key in self.labelled.by_key for k in key]
+        return [*read.MONITOR_COLUMNS, read.INPUT_PREFIX + "*", *keys]
+
+    def add(self, frame: pd.DataFrame) -> None:
+        self.traffic.add(frame)
+        answered = frame[frame["outcome"] != REFUSED]
         if not len(answered):
-            continue
-        for name, acc in inputs.items():
+            return
+        for name, acc in self.inputs.items():
             column = read.INPUT_PREFIX + name
             if column in answered.columns:
                 acc.add(_values(answered[column], acc.kind))
-        predicted.add(_values(answered["prediction"], predicted.kind))
-        labelled.add(answered)
-    if traffic.rows == 0:
+        self.predicted.add(_values(answered["prediction"], self.predicted.kind))
+        self.labelled.add(answered)
+
+
+def _monitor_version(client, model, version, role, run_id, window, cfg, known_labels):
+    ref = reference.load(client, model, version)
+    gathered = Gathered(ref, known_labels)
+    for frame in read.iter_version(client, run_id, window, columns=gathered.columns()):
+        gathered.add(frame)
+    if gathered.traffic.rows == 0:
         return None
+    test_metrics = client.get_run(client.get_model_version(model, version).run_id).data.metrics
+    return judge(gathered, version, role, cfg, test_metrics)
+
+
+def judge(gathered: Gathered, version: str, role: str, cfg: dict, test_metrics: dict):
+    """The verdicts and alarms on what was gathered, by the policy's thresholds."""
+    ref = gathered.ref
+    task = ref.get("task", "regression")
     report = VersionReport(version=version, role=role)
-    _fill_traffic(report, traffic)
+    _fill_traffic(report, gathered.traffic)
     report.reference_source = ref.get("source", reference.FROM_TRAINING)
     report.reference_note = ref.get("note", "")
     if report.reference_note:
@@ -268,24 +295,24 @@ def _monitor_version(client, model, version, role, run_id, window, cfg, known_la
     min_rows = int(cfg["min_rows"])
     report.columns = [
         acc.verdict(cfg["drift"]["psi"], cfg["drift"]["p_value"], min_rows)
-        for acc in inputs.values()
+        for acc in gathered.inputs.values()
     ]
-    report.prediction = predicted.verdict(
+    report.prediction = gathered.predicted.verdict(
         cfg["prediction_drift"]["psi"], cfg["drift"]["p_value"], min_rows
     )
-    answered_rows = predicted.rows
+    answered_rows = gathered.predicted.rows
     if answered_rows < min_rows:
         report.notes.append(
             f"not enough rows for drift: {answered_rows} answered rows < min_rows {min_rows}"
         )
+    labelled = gathered.labelled
     report.labelled_rows = labelled.count
     if labelled.count >= min_rows:
         metric, _ = PRIMARY[task]
-        test_value = client.get_run(client.get_model_version(model, version).run_id).data.metrics
         report.live = live_metrics(
             task,
             *labelled.pairs(),
-            test_value.get(f"test_{metric}"),
+            test_metrics.get(f"test_{metric}"),
             confidence=cfg["live_metric"]["confidence"],
             resamples=int(cfg["live_metric"]["resamples"]),
         )
@@ -315,8 +342,10 @@ def _fill_traffic(report: VersionReport, traffic: _Traffic) -> None:
 
 def _values(series: pd.Series, kind: str):
     if kind == reference.NUMERIC:
-        return pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    return series.astype(object).where(series.notna(), None).to_numpy()
+        if not pd.api.types.is_numeric_dtype(series):
+            series = pd.to_numeric(series, errors="coerce")
+        return series.to_numpy(dtype=float, na_value=np.nan)
+    return series
 
 
 class _Labelled:

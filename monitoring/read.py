@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from monitoring.window import Window
@@ -34,6 +35,10 @@ INPUT_PREFIX = "input."
 TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"
 BATCH_ROWS = 65_536
 DOWNLOAD_THREADS = 4
+# Text columns whose values are (nearly) all different: read as plain strings.
+UNIQUE_TEXT = frozenset({"request_id", "id"})
+# What the monitor needs of a row; the ids only to join labels.
+MONITOR_COLUMNS = ["source", "row", "outcome", "problem", "latency_ms", "prediction"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ def iter_version(
 ) -> Iterator[pd.DataFrame]:
     """The logged rows of one version's run inside ``window``, as DataFrames of bounded size.
 
-    ``columns`` reads only those (where a segment has them), ``time`` always.
+    ``columns`` reads only those (where a segment has them), ``time`` always; a name
+    ending in ``*`` reads every column it starts (``input.*``).
     """
     listed = client.list_artifacts(run_id, SEGMENTS)
     segments = [s for s in (Segment.parse(f.path) for f in listed if not f.is_dir) if s]
@@ -124,15 +130,33 @@ def iter_version(
 def _read(
     path: str, window: Window | None, batch_rows: int, columns: list[str] | None = None
 ) -> Iterator[pd.DataFrame]:
-    parquet = pq.ParquetFile(path)
+    schema = pq.read_schema(path)
+    # Text columns of few values (outcome, problem, categorical inputs, class labels) come
+    # back as pandas categoricals: counting them is then a bincount, not a hash per row.
+    strings = [
+        f.name
+        for f in schema
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+        if f.name not in UNIQUE_TEXT
+    ]
+    parquet = pq.ParquetFile(path, read_dictionary=strings)
     if columns is not None:
-        present = set(parquet.schema_arrow.names)
-        columns = [c for c in dict.fromkeys(["time", *columns]) if c in present]
+        wanted = ["time"]
+        for c in columns:
+            if c.endswith("*"):
+                wanted += [n for n in schema.names if n.startswith(c[:-1])]
+            elif c in schema.names:
+                wanted.append(c)
+        columns = list(dict.fromkeys(wanted))
     for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
         frame = batch.to_pandas()
         if window is not None and len(frame):
-            times = pd.to_datetime(frame["time"], utc=True)
-            frame = frame[(times >= window.start) & (times < window.end)]
+            times = frame["time"]
+            if not isinstance(times.dtype, pd.DatetimeTZDtype):
+                times = pd.to_datetime(times, utc=True)
+            inside = (times >= window.start) & (times < window.end)
+            if not inside.all():
+                frame = frame[inside]
         if len(frame):
             yield frame
 
