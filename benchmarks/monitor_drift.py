@@ -33,7 +33,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -68,8 +67,8 @@ result = monitoring.monitor(sys.argv[1], since="1h")
 seconds = time.perf_counter() - started
 cpu = time.process_time() - cpu
 (v,) = result.versions
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rows": v.rows, "drifted": v.drifted_columns,
-                  "prediction_drift": v.prediction_drift,
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rows": v.rows,
+                  "drifted": v.drifted_columns, "prediction_drift": v.prediction_drift,
                   "rss_before_mb": base / 1024,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -94,12 +93,14 @@ for metric in document["metrics"]:
     if config.get("type", "").endswith("ValueDrift"):
         column = config["column"]
         methods[column] = config.get("method")
-        if metric["value"] >= config["threshold"] if config.get("method", "").startswith(
-            ("Wasserstein", "Jensen", "PSI", "Kullback")) else metric["value"] < config["threshold"]:
+        distance = config.get("method", "").startswith(("Wasserstein", "Jensen", "PSI", "Kullback"))
+        value, threshold = metric["value"], config["threshold"]
+        if (value >= threshold) if distance else (value < threshold):
             drifted.append(column)
 import evidently
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "drifted": sorted(drifted), "methods": methods,
-                  "version": evidently.__version__, "rss_before_mb": base / 1024,
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "drifted": sorted(drifted),
+                  "methods": methods, "version": evidently.__version__,
+                  "rss_before_mb": base / 1024,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
