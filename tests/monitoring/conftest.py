@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.serving.conftest import start_serving  # noqa: F401 - serving for the end-to-end test
+
 COLOURS = ["red", "green", "blue"]
 FEATURES = ["a", "b", "c", "colour"]
 
