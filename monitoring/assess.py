@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -272,10 +273,18 @@ class Gathered:
 
 
 def _monitor_version(client, model, version, role, run_id, window, cfg, known_labels):
+    started = time.perf_counter()
     ref = reference.load(client, model, version)
     gathered = Gathered(ref, known_labels)
     for frame in read.iter_version(client, run_id, window, columns=gathered.columns()):
         gathered.add(frame)
+    logger.info(
+        "%s v%s: %d rows in the window read in %.1fs",
+        model,
+        version,
+        gathered.traffic.rows,
+        time.perf_counter() - started,
+    )
     if gathered.traffic.rows == 0:
         return None
     test_metrics = client.get_run(client.get_model_version(model, version).run_id).data.metrics
