@@ -9,8 +9,9 @@ columns shifted (``n2`` by one standard deviation, ``n5`` twice as spread, ``c1`
 categories reweighted), and then:
 
 - runs ``monitoring.monitor`` in a fresh child process per size, which reports its
-  wall time (download, read, statistics, the MLflow run and its report) and its peak
-  resident memory (``ru_maxrss``), beside the memory it had before the monitor ran;
+  wall and CPU time (download, read, statistics, the MLflow run and its report) and its
+  peak resident memory (``VmHWM``: ``ru_maxrss`` would carry the parent's peak across
+  fork and exec), beside the same figure before the monitor ran;
 - runs Evidently's ``DataDriftPreset`` report (its default tests and thresholds) on
   the same rows -- the reference rows the model was trained on and the logged input
   columns -- in the Python given by ``--evidently`` (a separate virtualenv: Evidently
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,9 +63,13 @@ NUMERIC = [f"n{i}" for i in range(1, 7)]
 CATEGORICAL = ["c1", "c2"]
 
 MONITOR_CHILD = """
-import json, os, resource, sys, time
+import json, os, sys, time
 import monitoring
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+base = hwm()
 cpu = time.process_time()
 started = time.perf_counter()
 result = monitoring.monitor(sys.argv[1], since="1h")
@@ -72,18 +78,22 @@ cpu = time.process_time() - cpu
 (v,) = result.versions
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rows": v.rows,
                   "drifted": v.drifted_columns, "prediction_drift": v.prediction_drift,
-                  "rss_before_mb": base / 1024, "load_average": os.getloadavg(),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_before_mb": base, "load_average": os.getloadavg(),
+                  "peak_rss_mb": hwm()}))
 """
 
 EVIDENTLY_CHILD = """
-import json, os, resource, sys, time
+import json, os, sys, time
 import pandas as pd
 from evidently import Report
 from evidently.presets import DataDriftPreset
 reference = pd.read_parquet(sys.argv[1])
 current = pd.read_parquet(sys.argv[2])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+base = hwm()
 cpu = time.process_time()
 started = time.perf_counter()
 snapshot = Report([DataDriftPreset()]).run(current_data=current, reference_data=reference)
@@ -103,8 +113,8 @@ for metric in document["metrics"]:
 import evidently
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "drifted": sorted(drifted),
                   "methods": methods, "version": evidently.__version__,
-                  "rss_before_mb": base / 1024, "load_average": os.getloadavg(),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_before_mb": base, "load_average": os.getloadavg(),
+                  "peak_rss_mb": hwm()}))
 """
 
 
@@ -200,6 +210,7 @@ def child(python: str, code: str, *args: str, env: dict | None = None) -> dict:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on kill, too
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100000,300000,1000000")
     parser.add_argument("--evidently", metavar="PYTHON", help="a Python with evidently 0.7")
