@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -316,35 +315,11 @@ def labelled_rows(
 
 
 def _labels(model: str, tracking_uri: str | None) -> pd.DataFrame:
-    """Every labels file ``stageflow feedback`` logged for ``model``, newest label winning."""
-    client = tracking.client(tracking_uri)
-    experiment = client.get_experiment_by_name("stageflow-monitoring")
-    if experiment is None:
-        return pd.DataFrame()
-    quoted = model.replace("'", "\\'")
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`stageflow.kind` = 'feedback' and tags.`stageflow.model` = '{quoted}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1000,
-    )
-    frames = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in runs:
-            try:
-                local = mlflow.artifacts.download_artifacts(
-                    run_id=run.info.run_id,
-                    artifact_path="labels/labels.parquet",
-                    dst_path=os.path.join(tmp, run.info.run_id),
-                )
-            except (MlflowException, OSError):
-                continue
-            frames.append(pd.read_parquet(local))
-    if not frames:
-        return pd.DataFrame()
-    labels = pd.concat(frames, ignore_index=True)
-    keys = ["id"] if "id" in labels.columns else ["request_id", "row"]
-    return labels.drop_duplicates(subset=keys, keep="last")
+    """Every label ``stageflow feedback`` stored for ``model`` (later ones win), by key."""
+    from monitoring.labels import load_labels  # noqa: PLC0415
+
+    tables = load_labels(tracking.client(tracking_uri), model)
+    return tables.get(("id",), next(iter(tables.values()), pd.DataFrame()))
 
 
 def summary(result: RetrainResult) -> str:

@@ -104,8 +104,10 @@ def test_a_version_worse_on_live_labels_is_rolled_back_automatically_without_fai
     tracking_uri,
     start_serving,
     wine_request,  # noqa: F811
+    tmp_path,
 ):
     v1, v2 = register_versions(model_name)
+    relaxed_latency(model_name, tmp_path)
     promote(model_name, v1, STAGING, "offline gates")
     promote(model_name, v1, PRODUCTION, "offline gates")
     running = start_serving(model_name, replicas=1)
