@@ -28,6 +28,9 @@ from stageflow.errors import StageflowError
 logger = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Model-Version"
+# The proof request is the controller's own, not traffic: the inference log skips it.
+PROBE_HEADER = "X-Stageflow-Probe"
+INFERENCE_LOG = "inference_log"
 START_TIMEOUT_S = 120.0
 EXAMPLE_TIMEOUT_S = 60.0
 PING_TIMEOUT_S = 1.0
@@ -100,6 +103,11 @@ def start(
     """Start ``version``'s server as ``replica``, not ready until proved; the replica records it."""
     replica.log_path, replica.ready = log_path, False
     replica.started_at = time.monotonic()
+    if model_config and model_config.get(INFERENCE_LOG) is not None:
+        # Each replica logs under the version it serves (so a rollback's rows land
+        # under the version that answered them), to the tracking server it loads from.
+        log = {"tracking_uri": tracking_uri, **model_config[INFERENCE_LOG]}
+        model_config = {**model_config, INFERENCE_LOG: {**log, "model": name, "version": version}}
     replica.proc = processes.spawn(
         command(name, version, replica),
         log_path=log_path,
@@ -133,7 +141,7 @@ def prove_ready(replica: Replica, version: str, example: str | None) -> bool:
             answer = requests.post(
                 replica.url + "/invocations",
                 data=example.encode(),
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", PROBE_HEADER: "1"},
                 timeout=EXAMPLE_TIMEOUT_S,
             )
         except requests.RequestException as exc:

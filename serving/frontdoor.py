@@ -161,6 +161,12 @@ http://:{port} {{
 		not header Content-Type text/csv*
 		not header Content-Type application/vnd.apache.parquet*
 	}}
+	# Every answer carries X-Request-Id: the client's own, else one made here,
+	# sent on to the replica (whose inference log records it) and set once on the
+	# answer (deferred, so it replaces the replica's echo instead of doubling it).
+	@no_request_id not header X-Request-Id *
+	request_header @no_request_id X-Request-Id {{http.request.uuid}}
+	header >X-Request-Id {{http.request.header.X-Request-Id}}
 	header @unsupported Content-Type application/json
 	respond @unsupported `{_UNSUPPORTED_BODY}` 415
 	reverse_proxy {upstreams} {{
@@ -183,10 +189,12 @@ http://:{port} {{
 		}}
 	}}
 	handle_errors 413 {{
+		header X-Request-Id {{http.request.header.X-Request-Id}}
 		header Content-Type application/json
 		respond `{too_large}` 413
 	}}
 	handle_errors {{
+		header X-Request-Id {{http.request.header.X-Request-Id}}
 		header Content-Type application/json
 		respond `{_UNAVAILABLE_BODY}` {{err.status_code}}
 	}}

@@ -1,8 +1,7 @@
 """Small helpers shared by test modules."""
 
-from pathlib import Path
-
 import mlflow
+import psutil
 from mlflow import MlflowClient
 
 # The policy every test promotes under unless promotion speed is its subject: the
@@ -19,15 +18,11 @@ latency:
 
 def processes_mentioning(text: str) -> list[int]:
     """Pids whose command line contains ``text`` (to prove nothing was left running)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
+    return [
+        proc.pid
+        for proc in psutil.process_iter(["cmdline"])
+        if text in " ".join(proc.info["cmdline"] or ())
+    ]
 
 
 def assert_one_holder_per_stage(client: MlflowClient, name: str) -> dict[str, str | None]:

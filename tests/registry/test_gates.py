@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 import registry
-from registry import gates, ledger
+from registry import _compare, ledger
 from registry.policy import parse
 from stageflow import processes
 from stageflow.errors import UsageError
@@ -49,12 +49,12 @@ def test_paired_bootstrap_orients_the_interval_so_positive_means_better():
     rng = np.random.default_rng(1)
     champion = (rng.random(400) < 0.7).astype(float)
     challenger = np.maximum(champion, (rng.random(400) < 0.3).astype(float))
-    low, high, point = gates.paired_bootstrap(challenger, champion, "accuracy", True, 500, 0.95)
+    low, high, point = _compare.paired_bootstrap(challenger, champion, "accuracy", True, 500, 0.95)
     assert 0 < low <= point <= high
-    low, high, point = gates.paired_bootstrap(champion, champion, "accuracy", True, 500, 0.95)
+    low, high, point = _compare.paired_bootstrap(champion, champion, "accuracy", True, 500, 0.95)
     assert low == high == point == 0
     # RMSE: lower is better, so a challenger with smaller errors shows a positive improvement.
-    low, _, point = gates.paired_bootstrap(champion * 0.5, champion, "rmse", False, 500, 0.95)
+    low, _, point = _compare.paired_bootstrap(champion * 0.5, champion, "rmse", False, 500, 0.95)
     assert point > 0
     assert low > 0
 
