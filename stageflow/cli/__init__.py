@@ -14,14 +14,24 @@ import os
 import sys
 import time
 
-from stageflow.cli import demo, policy, promote, score, serve, server, status, train
+from stageflow.cli import (
+    demo,
+    monitor,
+    policy,
+    promote,
+    score,
+    serve,
+    server,
+    status,
+    train,
+)
 from stageflow.cli._common import EPILOG_TRACKING, Parser, formatter
 from stageflow.errors import StageflowError
 
 __all__ = ["build_parser", "main"]
 
 # In the order `stageflow --help` lists them.
-COMMAND_GROUPS = (server, train, promote, status, policy, serve, score, demo)
+COMMAND_GROUPS = (server, train, promote, status, policy, serve, score, monitor, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
