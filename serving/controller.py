@@ -51,7 +51,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 import registry
-from serving import _planner
+from serving import _planner, inference_log
 from serving._effects import Effects
 from serving._model_server import VERSION_HEADER
 from serving._planner import ReplicaState, SlotState, SwitchPolicy
@@ -164,7 +164,8 @@ class Controller:
         self.policy = policy
         self.metrics_port = metrics_port
         self.replicas = replicas
-        self.model_config = model_config
+        # Every replica logs what it answers unless the config turns the log off.
+        self.model_config = inference_log.serving_config(model_config, home or tracking.home())
         self.slots: list[Slot] = []
         self.front_door: FrontDoor | None = None
         self.started_pids: list[int] = []

@@ -6,7 +6,10 @@ called (argument, then ``MLFLOW_TRACKING_URI``, then the embedded default).
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shlex
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -16,9 +19,18 @@ from mlflow import MlflowClient
 
 from stageflow.errors import StageflowError, TrackingServerUnreachable
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_PORT = 5000
 DEFAULT_HOST = "127.0.0.1"
 HOME_ENV = "STAGEFLOW_HOME"
+# The tag `mlflow run` puts on the run it creates and logs the entry point's params on.
+# (Its MLFLOW_RUN_ID variable is no signal: `mlflow.start_run` deletes it as it resumes.)
+PROJECT_ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+# The keys whose value on the run is the project runner's shell-quoted form (a JSON list).
+QUOTED_PARAMS_TAG = "stageflow.quoted_params"
+# Where a value of ours that differs from the runner's (e.g. a resolved path) is kept.
+RESOLVED_PARAM_TAG_PREFIX = "stageflow.param."
 # One cheap API route any authenticated user may call: it proves the server's API answers us.
 API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
 
@@ -90,3 +102,65 @@ def client(uri: str | None = None) -> MlflowClient:
     """An ``MlflowClient`` for a server that answered :func:`require_server`."""
     uri = require_server(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _runner_quote(value: str) -> str:
+    # Exactly how MLflow's project runner quotes a parameter value before logging it
+    # (mlflow/projects/_project_spec.py, EntryPoint._sanitize_value_dict).
+    from mlflow.utils.string_utils import quote  # noqa: PLC0415 - MLflow's own quoting
+
+    return quote(value)
+
+
+def log_params(params: dict) -> None:
+    """Log ``params`` on the active run, in harmony with ``mlflow run``'s own record.
+
+    ``mlflow run`` logs each entry point parameter on the run it creates, shell-quoted
+    (``target`` = ``'이름 열'``), and a param's value can never change, so logging the
+    plain value again is refused (issue 10). Inside the runner's run, a key it already
+    logged is left as it is: when its value is the quoted form of ours the key is listed
+    in the ``stageflow.quoted_params`` tag (:func:`plain_params` reads it back); any other
+    difference (a path we resolved) keeps our value in a ``stageflow.param.KEY`` tag.
+    Outside ``mlflow run`` this is ``mlflow.log_params``.
+    """
+    run = mlflow.active_run()
+    if run is None or PROJECT_ENTRY_POINT_TAG not in run.data.tags:
+        mlflow.log_params(params)
+        return
+    logged = MlflowClient().get_run(run.info.run_id).data
+    quoted = set(json.loads(logged.tags.get(QUOTED_PARAMS_TAG, "[]")))
+    fresh, tags = {}, {}
+    for key, value in params.items():
+        text, before = str(value), logged.params.get(key)
+        if before is None:
+            fresh[key] = value
+        elif before != text and before == _runner_quote(text):
+            quoted.add(key)
+        elif before != text:
+            logger.debug("param %s: mlflow run logged %r, Stageflow used %r", key, before, text)
+            tags[RESOLVED_PARAM_TAG_PREFIX + key] = text
+    if quoted:
+        tags[QUOTED_PARAMS_TAG] = json.dumps(sorted(quoted), ensure_ascii=False)
+    if tags:
+        mlflow.set_tags(tags)
+    if fresh:
+        mlflow.log_params(fresh)
+
+
+def plain_params(run) -> dict[str, str]:
+    """A run's params as Stageflow used them: the runner's quoting undone, resolved values.
+
+    Read params of a run back through this, not ``run.data.params``, wherever the value
+    matters (a retrain reading ``data`` and ``target``): under ``mlflow run`` they may be
+    shell-quoted (see :func:`log_params`).
+    """
+    params = dict(run.data.params)
+    tags = run.data.tags
+    for key in json.loads(tags.get(QUOTED_PARAMS_TAG, "[]")):
+        if key in params:
+            tokens = shlex.split(params[key])
+            params[key] = tokens[0] if len(tokens) == 1 else ""
+    for tag, value in tags.items():
+        if tag.startswith(RESOLVED_PARAM_TAG_PREFIX):
+            params[tag.removeprefix(RESOLVED_PARAM_TAG_PREFIX)] = value
+    return params
