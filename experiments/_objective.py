@@ -16,7 +16,7 @@ import pandas as pd
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from experiments import evaluate, families
-from experiments.catalog import CLASSIFICATION, HGB, LR, REGRESSION, RF
+from stageflow.catalog import CLASSIFICATION, HGB, LR, REGRESSION, RF
 from stageflow.errors import UsageError
 
 MAXIMIZE, MINIMIZE = "maximize", "minimize"

@@ -23,10 +23,10 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.models import ModelSignature, infer_signature
 
 from experiments import evaluate
-from experiments.catalog import TEST_SPLIT_ARTIFACT
 from experiments.data import BUILTIN_PREFIX, Splits
 from experiments.families import split_columns
 from serving import guarded_model
+from stageflow.catalog import TEST_SPLIT_ARTIFACT
 from stageflow.errors import StageflowError
 
 logger = logging.getLogger(__name__)

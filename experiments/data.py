@@ -11,7 +11,7 @@ import pandas as pd
 from sklearn import datasets
 from sklearn.model_selection import train_test_split
 
-from experiments.catalog import (  # noqa: F401 - re-exported for callers of `data`
+from stageflow.catalog import (  # noqa: F401 - re-exported for callers of `data`
     BUILTIN_PREFIX,
     BUILTIN_TARGET,
     BUILTINS,
@@ -20,8 +20,7 @@ from experiments.catalog import (  # noqa: F401 - re-exported for callers of `da
     TASKS,
 )
 from stageflow.errors import UsageError
-
-FILE_SUFFIXES = (".csv", ".parquet")
+from stageflow.files import FILE_SUFFIXES
 
 # A numeric target with at most this many distinct integer values is a class label.
 MAX_CLASSES = 20
@@ -154,12 +153,3 @@ def digest(frame: pd.DataFrame) -> str:
     h = hashlib.sha256(hashed.tobytes())
     h.update("\x1f".join(map(str, frame.columns)).encode())
     return h.hexdigest()[:16]
-
-
-def file_digest(path: Path, chunk_size: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()

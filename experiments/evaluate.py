@@ -17,7 +17,7 @@ from matplotlib import font_manager  # noqa: E402
 from sklearn import metrics  # noqa: E402
 from sklearn.inspection import permutation_importance  # noqa: E402
 
-from experiments.catalog import CLASSIFICATION, PRIMARY_METRIC  # noqa: E402, F401
+from stageflow.catalog import CLASSIFICATION, PRIMARY_METRIC  # noqa: E402, F401
 
 # The metric each task is judged by, and whether bigger is better.
 IMPORTANCE_MAX_ROWS = 2000

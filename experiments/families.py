@@ -22,7 +22,7 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from experiments.catalog import (  # noqa: F401 - re-exported for callers of `families`
+from stageflow.catalog import (  # noqa: F401 - re-exported for callers of `families`
     CLASSIFICATION,
     FAMILIES,
     FAMILY_NAMES,

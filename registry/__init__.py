@@ -4,6 +4,7 @@ Public surface:
     promote, rollback, status, history, repair -- the commands' functions;
     set_policy, show_policy, Policy -- the promotion policy of a model (``registry.policy``);
     current_version -- which version holds a stage (what serving asks);
+    require_model -- a clear error when a registered model does not exist;
     stage and alias names.
 """
 
@@ -15,6 +16,7 @@ from registry._stages import (
     PRODUCTION,
     STAGING,
     current_version,
+    require_model,
 )
 from registry._transition import Refused, TransitionResult
 from registry.ledger import Entry
@@ -40,6 +42,7 @@ __all__ = [
     "history",
     "promote",
     "repair",
+    "require_model",
     "rollback",
     "set_policy",
     "show_policy",

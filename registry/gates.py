@@ -31,17 +31,17 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.environment_variables import MLFLOW_RUN_ID
 
-from experiments.catalog import CLASSIFICATION, PRIMARY_METRIC, TEST_SPLIT_ARTIFACT
 from registry import ledger
 from registry._stages import PRODUCTION, STAGING, current_version
 from registry.policy import TASK_METRICS, Policy
-from serving import guarded_model
+from stageflow.catalog import CLASSIFICATION, PRIMARY_METRIC, TEST_SPLIT_ARTIFACT
+from stageflow.contract import input_columns
 
 logger = logging.getLogger(__name__)
 
 TASK_TAG = "stageflow.task"
 TARGET_PARAM = "target"
-# mlflow.models.evaluate's names for the primary metrics (experiments.catalog.PRIMARY_METRIC).
+# mlflow.models.evaluate's names for the primary metrics (stageflow.catalog.PRIMARY_METRIC).
 EVALUATE_METRIC = {"accuracy": "accuracy_score", "rmse": "root_mean_squared_error"}
 MODEL_TYPE = {CLASSIFICATION: "classifier", "regression": "regressor"}
 # Type changes a client's existing payloads survive.
@@ -192,8 +192,8 @@ def schema_compatible(ctx: GateContext) -> CheckResult:
     if champion is None:
         return CheckResult(name, True, "no Production version to stay compatible with")
     try:
-        old = guarded_model.input_columns(ctx.load(champion))
-        new = guarded_model.input_columns(ctx.load(str(ctx.version.version)))
+        old = input_columns(ctx.load(champion))
+        new = input_columns(ctx.load(str(ctx.version.version)))
     except Exception as exc:  # noqa: BLE001 - an unreadable contract is the verdict
         return CheckResult(name, False, f"could not read the input columns: {_first_line(exc)}")
     if old is None or new is None:

@@ -7,7 +7,7 @@ version, from/to stage, actor and reason, and carrying the gate report
 registry is touched and closed after: FINISHED means the transition happened; a
 refusal or failure closes it as FAILED; a run left RUNNING marks a transition
 that was interrupted. The next promoter to hold the model's lock (or
-``stageflow repair``) settles it from what the registry shows: FINISHED when the
+``stageflow status --repair``) settles it from what the registry shows: FINISHED when the
 version did reach the stage, FAILED when it did not -- never "done" on faith.
 """
 

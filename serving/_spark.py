@@ -31,6 +31,7 @@ from serving.batch import (
     data_files,
 )
 from serving.guarded_model import GUARD_PROBLEM, PREDICTION, REGRESSION
+from stageflow.contract import input_columns
 from stageflow.errors import StageflowError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -163,15 +164,13 @@ def score(
     """
     import mlflow  # noqa: PLC0415
 
-    from serving import guarded_model  # noqa: PLC0415
-
     master = master or DEFAULT_MASTER
     uri = f"models:/{model}/{version}"
     pyfunc = mlflow.pyfunc.load_model(uri)
     contract = getattr(pyfunc.unwrap_python_model(), "contract", None)
     if contract is None:
         raise StageflowError(f"{model} version {version} is not a Stageflow guarded model")
-    spec = guarded_model.input_columns(pyfunc)
+    spec = input_columns(pyfunc)
 
     with session(master) as spark:
         frame = _read(spark, input_path, spec, id_column)

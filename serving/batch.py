@@ -32,13 +32,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 
-from experiments.data import FILE_SUFFIXES, file_digest
-from registry import PRODUCTION, current_version
-from registry._stages import require_model
+from registry import PRODUCTION, current_version, require_model
 from serving import guarded_model
 from serving.guarded_model import GUARD_PROBLEM
 from stageflow import tracking
+from stageflow.contract import input_columns
 from stageflow.errors import StageflowError, UsageError
+from stageflow.files import FILE_SUFFIXES, file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def _score_local(
     # The guarded model's policies (``unknown_category``, ``abnormal_output``), as `serve` has.
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}", model_config=config)
     mark = config["on_invalid"] == "mark"
-    spec = guarded_model.input_columns(pyfunc)
+    spec = input_columns(pyfunc)
     columns = list(spec) if spec is not None else None
     dtypes = {c: CSV_DTYPES[kind] for c, (kind, _) in (spec or {}).items() if kind in CSV_DTYPES}
     if id_column:

@@ -148,26 +148,6 @@ def learn_contract(
     }
 
 
-def input_columns(pyfunc) -> dict[str, tuple[str, bool]] | None:
-    """``{column: (MLflow type name, required)}`` of a loaded pyfunc model, or None.
-
-    Reads the contract of a guarded model, else the input signature of any other.
-    """
-    try:
-        contract = getattr(pyfunc.unwrap_python_model(), "contract", None)
-    except MlflowException:  # not a python model (e.g. the plain sklearn flavor)
-        contract = None
-    if contract is not None:
-        return {c["name"]: (c["type"], not c["nullable"]) for c in contract["columns"]}
-    schema = pyfunc.metadata.get_input_schema()
-    if schema is None or not schema.has_input_names():
-        return None
-    return {
-        str(spec.name): (getattr(spec.type, "name", str(spec.type)), spec.required)
-        for spec in schema.inputs
-    }
-
-
 def check_policy(config: dict | None) -> dict:
     """The policies in ``config`` (a model_config), defaults filled in, bad values refused."""
     policy = dict(DEFAULT_POLICY)

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 
 from experiments.artifacts import ALLOWED_TRUSTED_TYPES
 from experiments.train import train
-from serving import guarded_model
+from stageflow.contract import input_columns
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def test_korean_columns_with_categories_and_gaps_go_through_to_the_registered_mo
 
     assert result.task == "classification"
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{result.version}")
-    columns = guarded_model.input_columns(model)
+    columns = input_columns(model)
     assert set(columns) == {"나이", "도시 이름", "월 소득"}
     assert columns["나이"] == ("double", False)  # the training data had gaps here
     request = pd.DataFrame(

@@ -9,6 +9,7 @@ from experiments import data
 from registry._stages import PRODUCTION, move
 from serving.batch import BATCH_EXPERIMENT, score
 from stageflow.errors import StageflowError, UsageError
+from stageflow.files import file_digest
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def test_scoring_in_chunks_matches_the_model_row_for_row(
 
     run = MlflowClient().get_run(result.run_id)
     assert run.data.params["version"] == "2"
-    assert run.data.params["input_sha256"] == data.file_digest(source)
+    assert run.data.params["input_sha256"] == file_digest(source)
     assert run.data.metrics["rows"] == len(wine_features)
     experiment = MlflowClient().get_experiment(run.info.experiment_id)
     assert experiment.name == BATCH_EXPERIMENT

@@ -1,0 +1,82 @@
+"""``stageflow status`` and ``stageflow history``: what is where, and how it got there."""
+
+from __future__ import annotations
+
+from stageflow.cli._common import EPILOG_TRACKING, add_json, add_tracking, emit, version_text
+
+
+def add_commands(commands) -> None:
+    status = commands.add_parser(
+        "status",
+        help="which version is where, and anything inconsistent",
+        description="which version is where, and anything inconsistent",
+        epilog=EPILOG_TRACKING,
+    )
+    status.set_defaults(handler=run_status)
+    status.add_argument("--model", required=True, metavar="NAME")
+    status.add_argument(
+        "--repair",
+        action="store_true",
+        help="fix what it flags (interrupted transitions, stages and aliases), "
+        "recording each fix in the ledger",
+    )
+    add_tracking(status)
+    add_json(status)
+
+    history = commands.add_parser(
+        "history",
+        help="every stage transition: when, who, from → to, why",
+        description="every stage transition: when, who, from → to, why",
+        epilog=EPILOG_TRACKING,
+    )
+    history.set_defaults(handler=run_history)
+    history.add_argument("--model", required=True, metavar="NAME")
+    add_tracking(history)
+    add_json(history)
+
+
+def run_status(args) -> int:
+    from registry import repair, status  # noqa: PLC0415
+
+    if args.repair:
+        fixed = repair(args.model, tracking_uri=args.tracking_uri)
+        if not args.json:
+            print("\n".join(f"repaired: {line}" for line in fixed) or "nothing to repair")
+    st = status(args.model, args.tracking_uri)
+    lines = [
+        f"{st.model}",
+        f"  Production: {version_text(st.production)}   "
+        f"(@champion → {version_text(st.aliases.get('champion'))})",
+        f"  Staging:    {version_text(st.staging)}   "
+        f"(@challenger → {version_text(st.aliases.get('challenger'))})",
+        "  versions:",
+    ]
+    for v in st.versions:
+        lines.append(f"    {v['version']:>4}  {v['stage']:<10}  {v['description']}")
+    if st.last_transition:
+        t = st.last_transition
+        lines.append(
+            f"  last change: {t['time']} {t['actor']} moved version {t['version']} "
+            f"{t['from_stage']} → {t['to_stage']}" + (f" ({t['reason']})" if t["reason"] else "")
+        )
+    if st.lock:
+        lines.append(f"  promotion in progress: lock held by {st.lock}")
+    for problem in st.problems:
+        lines.append(f"  ! {problem}")
+    emit(args, st.to_json(), "\n".join(lines))
+    return 0
+
+
+def run_history(args) -> int:
+    from registry import history  # noqa: PLC0415
+
+    entries = history(args.model, args.tracking_uri)
+    lines = [f"{args.model}: {len(entries)} transition(s), oldest first"]
+    for e in entries:
+        j = e.to_json()
+        lines.append(
+            f"  {j['time']}  {e.action:<8} v{e.version:<4} {e.from_stage:>10} → {e.to_stage:<10} "
+            f"{e.actor}" + (f"  — {e.reason}" if e.reason else "")
+        )
+    emit(args, {"model": args.model, "entries": [e.to_json() for e in entries]}, "\n".join(lines))
+    return 0
