@@ -201,6 +201,13 @@ def score(
     )
 
 
+def require_spark() -> None:
+    """pyspark installed and Java findable, else a UsageError saying what to install."""
+    from serving import _spark  # noqa: PLC0415 - pyspark is an optional extra
+
+    _spark.require_engine()
+
+
 def input_digest(path: str | Path) -> str:
     """sha256 of a file's bytes; for a directory, of its data files' names and sizes.
 
