@@ -6,7 +6,8 @@ anything slow and named in one line when missing. The model runs with
 ``on_invalid: mark``: a row its data contract refuses gets a null prediction and
 the problem in ``guard_problem``; the job goes on.
 
-Spark starts bound to loopback (``SPARK_LOCAL_IP``, ``spark.driver.host``), with
+Spark starts bound to loopback (``SPARK_LOCAL_IP``, ``spark.driver.host``; on a
+cluster, ``STAGEFLOW_SPARK_DRIVER_HOST`` names the address executors reach), with
 its UI off, its log at ERROR and its scratch space in a temporary directory
 removed when it stops; its Python workers run this interpreter.
 """
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MASTER = "local[*]"
 LOOPBACK = "127.0.0.1"
+# The address Spark's driver binds and advertises. Loopback unless the operator names the
+# one a cluster's executors can reach (they connect back to the driver).
+DRIVER_HOST_ENV = "STAGEFLOW_SPARK_DRIVER_HOST"
 INSTALL_HINT = "pip install 'stageflow[spark]'"
 JAVA_HINT = (
     "Spark needs Java 17 or newer: install a JDK (Debian/Ubuntu: `make java-deps`) "
@@ -74,6 +78,8 @@ PANDAS_NA_TEXT = (
 _UDF_NULL_TEXT = ("<NA>", "None", "nan")
 _QUIET_LOG4J = """\
 rootLogger.level = error
+logger.repl.name = org.apache.spark.repl.Main
+logger.repl.level = error
 rootLogger.appenderRef.stderr.ref = console
 appender.console.type = Console
 appender.console.name = console
@@ -249,8 +255,7 @@ def _read(spark, path: Path, spec: dict, id_column: str | None):
         cast = F.col(_quoted(name)).try_cast(target)
         failed.append(F.col(_quoted(name)).isNotNull() & cast.isNull())
         casts[name] = cast
-    if casts:
-        frame = frame.withColumns(casts)
+    # The failed casts are judged on the text, before the typed columns replace it.
     if failed and fmt == "csv":
         any_failed = failed[0]
         for condition in failed[1:]:
@@ -258,7 +263,7 @@ def _read(spark, path: Path, spec: dict, id_column: str | None):
         frame = frame.withColumn(_CAST_PROBLEM, F.when(any_failed, F.lit("wrong_type")))
     else:
         frame = frame.withColumn(_CAST_PROBLEM, F.lit(None).cast("string"))
-    return frame
+    return frame.withColumns(casts) if casts else frame
 
 
 def _apply(spark, frame, uri: str, config: dict, contract: dict, spec: dict, version: str):
@@ -344,10 +349,13 @@ def session(master: str = DEFAULT_MASTER) -> Iterator:
     log4j = scratch / "log4j2.properties"
     log4j.write_text(_QUIET_LOG4J)
     # Spark reads these from the environment of the JVM and of its Python workers.
+    host = os.environ.get(DRIVER_HOST_ENV) or LOOPBACK
     environment = {
-        "SPARK_LOCAL_IP": LOOPBACK,
+        "SPARK_LOCAL_IP": host,
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
+        # Spark puts this folder first on the JVM's classpath: its log4j2.properties wins.
+        "SPARK_CONF_DIR": str(scratch),
     }
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
@@ -359,8 +367,8 @@ def session(master: str = DEFAULT_MASTER) -> Iterator:
         spark = (
             SparkSession.builder.master(master)
             .appName("stageflow-score")
-            .config("spark.driver.host", LOOPBACK)
-            .config("spark.driver.bindAddress", LOOPBACK)
+            .config("spark.driver.host", host)
+            .config("spark.driver.bindAddress", host)
             .config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.local.dir", str(scratch))
@@ -369,7 +377,6 @@ def session(master: str = DEFAULT_MASTER) -> Iterator:
             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
             .config("spark.sql.session.timeZone", "UTC")
             .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable)
-            .config("spark.executorEnv.SPARK_LOCAL_IP", LOOPBACK)
             .getOrCreate()
         )
         spark.sparkContext.setLogLevel("ERROR")
