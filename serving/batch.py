@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -352,18 +353,70 @@ def log_batch_rows(
     id_column: str | None,
     tracking_uri: str | None = None,
 ) -> int:
-    """Hand the scored rows to the inference log as ``batch`` rows; the count handed.
+    """Hand the scored rows to the inference log as ``batch`` rows; the number handed.
 
-    The hook for the inference log's writer (``serving/inference_log.py``,
-    MONITORING_CONTRACT.md): until that writer is part of Stageflow this logs
-    that the rows were not handed on and returns 0.
+    THE HOOK for the inference log's writer (``serving/inference_log.py``, helper
+    ``infer``, MONITORING_CONTRACT.md). It reads the scored output back (so both
+    engines log the same way, and Spark's parts need no second pass on the
+    cluster) and gives the writer the accepted rows with their file row numbers;
+    ``request_id`` is this batch run's id. Until that writer is part of Stageflow
+    it logs that the rows were not handed on and returns 0.
     """
     try:
-        from serving import inference_log  # noqa: PLC0415, F401 - arrives with the monitoring issue
+        from serving import inference_log  # noqa: PLC0415 - arrives with the monitoring issue
     except ImportError:
-        logger.info("the inference log is not part of this Stageflow; batch rows not logged")
+        logger.info("the inference log is not part of this Stageflow yet; batch rows not logged")
         return 0
-    return 0
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}")
+    log = inference_log.InferenceLog.for_model(
+        pyfunc, model, version, source="batch", tracking_uri=tracking_uri
+    )
+    log.start()
+    handed = 0
+    try:
+        row = 0
+        for chunk in _scored_chunks(Path(output_path)):
+            accepted = (
+                chunk[GUARD_PROBLEM].isna().to_numpy()
+                if GUARD_PROBLEM in chunk
+                else np.ones(len(chunk), dtype=bool)
+            )
+            # Runs of accepted rows keep each row's number within the input.
+            for start, stop in _runs(accepted):
+                part = chunk.iloc[start:stop]
+                log.record_frame(
+                    part,
+                    part[PREDICTION_COLUMN].to_numpy(),
+                    request_id=run_id,
+                    first_row=row + start,
+                    ids=part[id_column].astype(str).to_numpy() if id_column else None,
+                )
+                handed += stop - start
+            row += len(chunk)
+        log.flush()
+    finally:
+        log.close()
+    return handed
+
+
+def _scored_chunks(path: Path, rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """The scored output in chunks, in its row order (Spark's parts in part order)."""
+    if path.is_dir():
+        files = data_files(path)
+    else:
+        files = [path]
+    for file in files:
+        if file.suffix.lower() == ".csv":
+            yield from pd.read_csv(file, chunksize=rows)
+        else:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=rows):
+                yield batch.to_pandas()
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each run of True in ``mask``."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
 
 
 def _chunks(path: Path, chunk_rows: int, dtypes: dict[str, str]) -> Iterator[pd.DataFrame]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from serving import _spark
-from serving.batch import data_files, input_digest
+from serving.batch import _runs, data_files, input_digest
 from stageflow.errors import UsageError
 from stageflow.files import file_digest
 
@@ -80,3 +81,9 @@ def test_java_home_wins_over_path_as_spark_submit_does(tmp_path, monkeypatch):
     assert _spark.java_executable() == str(java)
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "nothing"))
     assert _spark.java_executable() is None
+
+
+def test_runs_of_accepted_rows_keep_their_row_numbers():
+    mask = np.array([True, True, False, True, False, False, True])
+    assert [(int(a), int(b)) for a, b in _runs(mask)] == [(0, 2), (3, 4), (6, 7)]
+    assert _runs(np.array([False, False])) == []
