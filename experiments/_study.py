@@ -31,6 +31,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from stageflow import tracking
 from stageflow.errors import StageflowError, UsageError
+from stageflow.secrets import mask_uri
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,7 @@ def normalize(uri: str) -> str:
 
 def mask(uri: str) -> str:
     """The URI with its password replaced by ``***``: safe to log, print and tag."""
-    try:
-        return make_url(uri).render_as_string(hide_password=True)
-    except ArgumentError:
-        return uri.split("@", 1)[-1] if "@" in uri else uri
+    return mask_uri(uri)
 
 
 def open_storage(uri: str, heartbeat: bool = True) -> optuna.storages.RDBStorage:

@@ -25,6 +25,7 @@ from mlflow.models import ModelSignature, infer_signature
 from experiments import evaluate
 from experiments.data import BUILTIN_PREFIX, Splits
 from experiments.families import split_columns
+from monitoring import reference
 from serving import guarded_model
 from stageflow.catalog import TEST_SPLIT_ARTIFACT
 from stageflow.errors import StageflowError
@@ -44,6 +45,8 @@ ALLOWED_TRUSTED_TYPES = frozenset(
         "sklearn.tree._tree.Tree",
         "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
         "sklearn.compose._column_transformer.make_column_selector",
+        # Calendar parts of date columns (issue 10): our own, plain-list attributes.
+        "experiments.features.CalendarFeatures",
     }
 )
 # Pinned in every model's requirements so a version can be rebuilt as it was trained.
@@ -153,8 +156,20 @@ def log_evaluation(pipeline, splits: Splits, task: str, seed: int) -> dict[str, 
     return scores
 
 
-def log_pipeline(pipeline, splits: Splits, task: str, model_name: str):
+def log_pipeline(
+    pipeline,
+    splits: Splits,
+    task: str,
+    model_name: str,
+    *,
+    date_formats: dict[str, str | None] | None = None,
+    ignored_columns: list[str] = (),
+):
     """Log the fitted pipeline as Stageflow's guarded model and register a new version.
+
+    ``date_formats`` (date column → the format its training strings had) and
+    ``ignored_columns`` (columns the data check dropped, which requests may still
+    send) come from :mod:`experiments.data_check` and go into the contract.
 
     The pipeline is stored with skops (exact trusted types) beside the data
     contract learned from the training split; the registered model is
@@ -168,7 +183,13 @@ def log_pipeline(pipeline, splits: Splits, task: str, model_name: str):
     X_train, y_train = splits.X_train, splits.y_train
     numeric, _ = split_columns(X_train)
     contract = guarded_model.learn_contract(
-        X_train, y_train, task, numeric, trusted_types(pipeline)
+        X_train,
+        y_train,
+        task,
+        numeric,
+        trusted_types(pipeline),
+        date_formats=date_formats,
+        ignored_columns=ignored_columns,
     )
     contract["fast_path"] = fast_path_agrees(pipeline, contract, X_train)
     example = X_train.head(INPUT_EXAMPLE_ROWS)
@@ -178,14 +199,17 @@ def log_pipeline(pipeline, splits: Splits, task: str, model_name: str):
         skops.io.dump(pipeline, pipeline_path)
         contract_path = Path(tmp) / "contract.json"
         contract_path.write_text(json.dumps(contract, ensure_ascii=False, indent=1))
+        # What monitoring compares live traffic with (artifacts/reference.json of the model).
+        reference_path = reference.write(reference.for_pipeline(pipeline, splits, task), tmp)
         return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=Path(guarded_model.__file__),
             artifacts={
                 guarded_model.PIPELINE: str(pipeline_path),
                 guarded_model.CONTRACT: str(contract_path),
+                reference.ARTIFACT_KEY: str(reference_path),
             },
-            model_config=dict(guarded_model.DEFAULT_POLICY),
+            model_config=dict(guarded_model.LOGGED_CONFIG),
             signature=ModelSignature(outputs=outputs),
             input_example=example,
             pip_requirements=pinned_requirements(),

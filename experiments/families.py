@@ -22,6 +22,7 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from experiments.features import CalendarFeatures
 from stageflow.catalog import (  # noqa: F401 - re-exported for callers of `families`
     CLASSIFICATION,
     FAMILIES,
@@ -47,14 +48,23 @@ def _estimator(family: str, task: str, seed: int) -> BaseEstimator:
 
 
 def split_columns(X: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """Numeric columns and categorical (string, categorical, boolean) columns."""
+    """Numeric columns and categorical (string, categorical, boolean) columns.
+
+    Date/time columns are neither: see :func:`date_columns`.
+    """
     numeric = [
         c
         for c in X.columns
         if pd.api.types.is_numeric_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])
     ]
-    categorical = [c for c in X.columns if c not in numeric]
+    dates = date_columns(X)
+    categorical = [c for c in X.columns if c not in numeric and c not in dates]
     return numeric, categorical
+
+
+def date_columns(X: pd.DataFrame) -> list[str]:
+    """The datetime columns (the data check parses date strings into them)."""
+    return [c for c in X.columns if pd.api.types.is_datetime64_any_dtype(X[c])]
 
 
 def build(
@@ -81,12 +91,19 @@ def build(
             raise UsageError(f"bad parameter for {family}: {exc}") from None
 
     numeric, categorical = split_columns(X)
+    dates = date_columns(X)
     numeric_steps = [("impute", SimpleImputer(strategy="median"))]
     if family == LR:
         numeric_steps.append(("scale", StandardScaler()))
     transformers = []
     if numeric:
         transformers.append(("numeric", Pipeline(numeric_steps), numeric))
+    if dates:
+        # Calendar parts of each date, imputed (and scaled) like any number.
+        date_steps = [("calendar", CalendarFeatures())] + [
+            (name, step.__class__(**step.get_params())) for name, step in numeric_steps
+        ]
+        transformers.append(("dates", Pipeline(date_steps), dates))
     if categorical:
         categorical_steps = Pipeline(
             [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlflow
 
-from experiments import artifacts, data, evaluate, families
+from experiments import artifacts, data, data_check, evaluate, families
 from stageflow import tracking
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ class TrainResult:
     family: str = ""
     experiment_id: str = ""
     tracking_uri: str = field(default="", repr=False)
+    data_check: dict = field(default_factory=dict, repr=False)
+    data_check_summary: str = field(default="", repr=False)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k in JSON_KEYS}
@@ -38,7 +40,7 @@ class TrainResult:
         return f"{self.tracking_uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
 
-JSON_KEYS = ("run_id", "model_name", "version", "metrics", "task", "family")
+JSON_KEYS = ("run_id", "model_name", "version", "metrics", "task", "family", "data_check")
 
 
 def default_model_name(source: str) -> str:
@@ -62,22 +64,33 @@ def train(
     task: str | None = None,
     experiment: str | None = None,
     tracking_uri: str | None = None,
+    id_columns=(),
+    strict: bool = False,
+    checks: data_check.CheckConfig = data_check.DEFAULT_CONFIG,
 ) -> TrainResult:
     """Train ``family`` on ``source``, log the run and register a new version of ``model_name``.
 
     Example:
         >>> train("builtin:wine", "target", model_name="wine", family="rf")
 
+    Args:
+        id_columns: columns to treat as identifiers (dropped, ignored in requests)
+            whatever the data check would make of them.
+        strict: refuse the data when the check finds leakage or too-small classes.
+        checks: the data check's thresholds.
+
     Raises:
         UsageError: bad data source, target, family or parameter.
+        DataCheckRefused: ``strict`` and the data check found leakage or small classes.
         TrackingServerUnreachable: the tracking server did not answer.
     """
     uri = tracking.require_server(tracking_uri)
     model_name = model_name or default_model_name(source)
     frame = data.load(source)
-    X, y, task = data.features_and_target(frame, target, task)
-    X = prepare_features(X)
-    splits = data.split(X, y, task, seed)
+    checked = data_check.check(
+        frame, target, seed=seed, task=task, id_columns=id_columns, strict=strict, config=checks
+    )
+    X, splits, task = checked.X, checked.splits, checked.task
     pipeline = families.build(family, task, X, seed, params)
     logger.info(
         "training %s (%s) on %s: %d train / %d validation / %d test rows",
@@ -102,7 +115,7 @@ def train(
                 "stageflow.model_name": model_name,
             }
         )
-        mlflow.log_params(
+        tracking.log_params(
             {
                 "data": source,
                 "target": target,
@@ -115,13 +128,21 @@ def train(
             }
         )
         artifacts.log_environment()
+        data_check.log(checked.report)
         artifacts.log_lineage(splits, source, target)
         pipeline.fit(splits.X_train, splits.y_train)
         mlflow.log_metric("fit_seconds", time.perf_counter() - started)
         logger.info("fitted in %.1fs; evaluating and logging plots", time.perf_counter() - started)
         scores = artifacts.log_evaluation(pipeline, splits, task, seed)
         logger.info("logging and registering the model as %s", model_name)
-        info = artifacts.log_pipeline(pipeline, splits, task, model_name)
+        info = artifacts.log_pipeline(
+            pipeline,
+            splits,
+            task,
+            model_name,
+            date_formats=checked.plan.dates,
+            ignored_columns=checked.plan.ignored,
+        )
         version = str(info.registered_model_version)
         primary, _ = evaluate.PRIMARY_METRIC[task]
         client = mlflow.MlflowClient()
@@ -144,4 +165,6 @@ def train(
         family=family,
         experiment_id=run.info.experiment_id,
         tracking_uri=uri,
+        data_check=checked.report.to_json(),
+        data_check_summary=checked.report.summary(),
     )

@@ -27,15 +27,15 @@ import mlflow
 import optuna
 from mlflow.entities import RunStatus
 
-from experiments import _study, artifacts, families
+from experiments import _study, artifacts, data, data_check, families
 from experiments._objective import FAMILY_PARAM, choose_metric, estimator_params
+from experiments._shield import ignoring_sigint
 from experiments._trial_runs import STUDY_TAG
 from experiments._tuning_plots import figures, trials_frame
 from experiments._workers import (  # noqa: F401 - run_trials and prepare: the benchmark's doors
     PRUNER_STARTUP_TRIALS,
     StudyJob,
     WorkerPool,
-    ignoring_sigint,
     prepare,
     run_trials,
     run_workers,
@@ -71,10 +71,13 @@ class TuneResult:
     test_metrics: dict[str, float] = field(default_factory=dict)
     experiment_id: str = ""
     tracking_uri: str = field(default="", repr=False)
+    data_check: dict = field(default_factory=dict, repr=False)
+    data_check_summary: str = field(default="", repr=False)
 
     def to_json(self) -> dict:
         keys = ("parent_run_id", "best_trial", "best_value", "model_name", "version")
         keys += ("study_name", "storage", "metric", "direction", "best_params", "trials")
+        keys += ("data_check",)
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -101,6 +104,9 @@ def tune(
     tracking_uri: str | None = None,
     progress: bool = False,
     worker_start: str = "spawn",
+    id_columns=(),
+    strict: bool = False,
+    checks: data_check.CheckConfig = data_check.DEFAULT_CONFIG,
 ) -> TuneResult:
     """Run ``n_trials`` more trials of a study, then refit, log and register the best.
 
@@ -111,6 +117,7 @@ def tune(
         progress: draw a progress bar on stderr.
         worker_start: how extra workers start, ``"spawn"`` (safe anywhere) or ``"fork"``
             (fast; only from a process that has run nothing yet: see ``WorkerPool``).
+        id_columns, strict, checks: the data check's, as for :func:`experiments.train.train`.
 
     Raises:
         UsageError: bad arguments, data, storage scheme, or a study made for other data.
@@ -146,6 +153,9 @@ def tune(
             progress=progress,
             verbosity=verbosity,
             pool=pool,
+            id_columns=id_columns,
+            strict=strict,
+            checks=checks,
         )
     finally:
         if pool:
@@ -172,9 +182,21 @@ def _run_study(
     progress,
     verbosity,
     pool,
+    id_columns,
+    strict,
+    checks,
 ) -> TuneResult:
     uri = tracking_uri
-    X, splits, task = prepare(source, target, task, seed)
+    checked = data_check.check(
+        data.load(source),
+        target,
+        seed=seed,
+        task=task,
+        id_columns=id_columns,
+        strict=strict,
+        config=checks,
+    )
+    X, splits, task = checked.X, checked.splits, checked.task
     metric, direction = choose_metric(task, metric)
     study_name = study_name or f"{model_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     settings = {
@@ -212,7 +234,7 @@ def _run_study(
                 "optuna.study.storage": masked,
             }
         )
-        mlflow.log_params(
+        tracking.log_params(
             {
                 "data": source,
                 "target": target,
@@ -234,6 +256,7 @@ def _run_study(
             }
         )
         artifacts.log_environment()
+        data_check.log(checked.report)
         artifacts.log_lineage(splits, source, target)
         job = StudyJob(
             source=source,
@@ -250,6 +273,7 @@ def _run_study(
             parent_run_id=parent.info.run_id,
             threads=threads_per_worker(workers),
             optuna_verbosity=verbosity,
+            plan=checked.plan,
         )
         already = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         started = time.perf_counter()
@@ -257,6 +281,8 @@ def _run_study(
         mlflow.log_metric("tune_seconds", time.perf_counter() - started)
         result = _conclude(study, job, model_name, X, splits, direction, already)
         result.storage, result.tracking_uri = masked, uri
+        result.data_check = checked.report.to_json()
+        result.data_check_summary = checked.report.summary()
         status = RunStatus.to_string(RunStatus.FINISHED)
         return result
     except KeyboardInterrupt:
@@ -330,7 +356,7 @@ def _conclude(study, job: StudyJob, model_name, X, splits, direction, already) -
     best = study.best_trial
     family, params = estimator_params(best.params)
     mlflow.set_tags({"stageflow.family": family, "optuna.best_trial": str(best.number)})
-    mlflow.log_params(
+    tracking.log_params(
         {
             "family": family,
             "best_trial": best.number,
@@ -350,7 +376,14 @@ def _conclude(study, job: StudyJob, model_name, X, splits, direction, already) -
     pipeline = families.build(family, job.task, X, job.seed, params)
     pipeline.fit(splits.X_train, splits.y_train)
     scores = artifacts.log_evaluation(pipeline, splits, job.task, job.seed)
-    info = artifacts.log_pipeline(pipeline, splits, job.task, model_name)
+    info = artifacts.log_pipeline(
+        pipeline,
+        splits,
+        job.task,
+        model_name,
+        date_formats=job.plan.dates if job.plan else None,
+        ignored_columns=job.plan.ignored if job.plan else (),
+    )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for key, value in {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,10 +33,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
+from tqdm import tqdm
 
 from registry import PRODUCTION, current_version, require_model
 from serving import guarded_model
 from serving.guarded_model import GUARD_PROBLEM
+from serving.inference_log import BATCH, InferenceLog
 from stageflow import tracking
 from stageflow.contract import input_columns
 from stageflow.errors import StageflowError, UsageError
@@ -98,6 +101,7 @@ def score(
     on_invalid: str | None = None,
     id_column: str | None = None,
     spark_master: str | None = None,
+    progress: bool = False,
 ) -> ScoreResult:
     """Score ``input_path`` with the Production version (or ``version``) of ``model``.
 
@@ -116,6 +120,7 @@ def score(
         id_column: a column that identifies rows; kept in the output and written
             to the inference log as each row's ``id``.
         spark_master: Spark's master URL (default ``local[*]``).
+        progress: draw a progress bar of the rows scored on stderr (local engine).
 
     Raises:
         UsageError: bad paths or suffixes, missing input columns, refused rows
@@ -140,25 +145,44 @@ def score(
     version = _resolve_version(client, model, version)
     config = {**(model_config or {}), "on_invalid": on_invalid}
 
+    # The run exists before scoring, so the inference log's batch rows carry its id.
+    run_id = os.environ.get("MLFLOW_RUN_ID") or _create_run(client, model, version)
     started = time.perf_counter()
-    if engine == "spark":
-        scored = _spark.score(
-            model, version, input_path, output_path, config, id_column, spark_master
-        )
-    else:
-        scored = _score_local(
-            model, version, input_path, output_path, config, chunk_rows, id_column
-        )
+    try:
+        if engine == "spark":
+            scored = _spark.score(
+                model, version, input_path, output_path, config, id_column, spark_master
+            )
+            scored.detail["logged_rows"] = log_batch_rows(
+                model, version, output_path, run_id, id_column, client.tracking_uri
+            )
+        else:
+            scored = _score_local(
+                model,
+                version,
+                input_path,
+                output_path,
+                config,
+                chunk_rows,
+                id_column,
+                run_id,
+                client.tracking_uri,
+                progress,
+            )
+    except BaseException:
+        if run_id != os.environ.get("MLFLOW_RUN_ID"):
+            client.set_terminated(run_id, "FAILED")
+        raise
     seconds = time.perf_counter() - started
     digest = input_digest(input_path)
 
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(BATCH_EXPERIMENT)
-    with mlflow.start_run(run_name=f"score-{model}-v{version}") as run:
+    if run_id != os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(BATCH_EXPERIMENT)  # the experiment the run was created in
+    with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags(
             {"stageflow.kind": "batch", "stageflow.model_name": model, "stageflow.engine": engine}
         )
-        mlflow.log_params(
+        tracking.log_params(
             {
                 "model": model,
                 "version": version,
@@ -185,9 +209,6 @@ def score(
                 **{k: v for k, v in scored.detail.items() if isinstance(v, (int, float))},
             }
         )
-        log_batch_rows(
-            model, version, output_path, run.info.run_id, id_column, tracking_uri=tracking_uri
-        )
     return ScoreResult(
         model=model,
         version=version,
@@ -207,6 +228,58 @@ def require_spark() -> None:
     from serving import _spark  # noqa: PLC0415 - pyspark is an optional extra
 
     _spark.require_engine()
+
+
+def _create_run(client, model: str, version: str) -> str:
+    experiment = client.get_experiment_by_name(BATCH_EXPERIMENT)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(BATCH_EXPERIMENT)
+    )
+    return client.create_run(experiment_id, run_name=f"score-{model}-v{version}").info.run_id
+
+
+def _inference_log(pyfunc, model: str, version: str, tracking_uri: str):
+    """The version's inference log for ``batch`` rows, or None for a model without a guard."""
+    try:
+        guarded = pyfunc.unwrap_python_model()
+    except MlflowException:  # not a python model (the plain scikit-learn flavor)
+        return None
+    if getattr(guarded, "guard", None) is None:
+        return None
+    return InferenceLog.for_model(
+        pyfunc, model, version, source=BATCH, tracking_uri=tracking_uri
+    ).start()
+
+
+def _row_count(path: Path) -> int | None:
+    """The input's rows when the file says so without reading it (Parquet's footer)."""
+    if path.suffix.lower() != ".parquet":
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (ValueError, OSError, pa.ArrowException):
+        return None  # reading it fails in _chunks, with the one-line error
+
+
+def _log_accepted(log, features, predictions, problems, run_id, first_row, ids) -> int:
+    """Give the log the accepted rows (all when ``problems`` is None), each with its row number."""
+    if log is None:
+        return 0
+    accepted = (
+        np.ones(len(features), dtype=bool) if problems is None else problems.isna().to_numpy()
+    )
+    handed = 0
+    for start, stop in _runs(accepted):
+        part = features.iloc[start:stop]
+        log.record_frame(
+            part,
+            np.asarray(predictions)[start:stop],
+            run_id,
+            first_row=first_row + start,
+            ids=None if ids is None else np.asarray(ids)[start:stop],
+        )
+        handed += stop - start
+    return handed
 
 
 def input_digest(path: str | Path) -> str:
@@ -287,6 +360,9 @@ def _score_local(
     config: dict,
     chunk_rows: int,
     id_column: str | None,
+    run_id: str,
+    tracking_uri: str,
+    progress: bool,
 ) -> Scored:
     # The guarded model's policies (``unknown_category``, ``abnormal_output``), as `serve` has.
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}", model_config=config)
@@ -298,10 +374,19 @@ def _score_local(
         dtypes[id_column] = "str"  # identifiers are text (leading zeros, long numbers)
     numbers = [c for c, (kind, _) in (spec or {}).items() if kind in NUMBER_TYPES]
 
+    log = _inference_log(pyfunc, model, version, tracking_uri)
     rows = 0
     refused: Counter = Counter()
     partial = output_path.with_name(f".{output_path.name}.partial")
     writer = _Writer(partial)
+    bar = tqdm(
+        total=_row_count(input_path),  # None for CSV: rows and rate, without a total
+        desc=f"score {model} v{version}",
+        unit="rows",
+        unit_scale=True,
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
         for chunk in _chunks(input_path, chunk_rows, dtypes):
             if rows == 0:
@@ -333,15 +418,28 @@ def _score_local(
                 out[PREDICTION_COLUMN] = _one_column(predictions)
                 out[VERSION_COLUMN] = int(version)
             writer.write(out)
+            _log_accepted(
+                log,
+                features,
+                out[PREDICTION_COLUMN].to_numpy(),
+                out[GUARD_PROBLEM] if mark else None,
+                run_id,
+                rows,
+                chunk[id_column].astype(str).to_numpy() if id_column else None,
+            )
             rows += len(chunk)
+            bar.update(len(chunk))
             logger.info("scored %d rows", rows)
         if rows == 0:
             raise UsageError(f"{input_path} has no rows to score")
         writer.close()
         os.replace(partial, output_path)
     finally:
+        bar.close()
         writer.close()
         partial.unlink(missing_ok=True)
+        if log is not None:
+            log.close(timeout=60)
     return Scored(rows=rows, refused=refused)
 
 
@@ -353,49 +451,32 @@ def log_batch_rows(
     id_column: str | None,
     tracking_uri: str | None = None,
 ) -> int:
-    """Hand the scored rows to the inference log as ``batch`` rows; the number handed.
+    """Hand Spark's scored rows to the inference log as ``batch`` rows; the number handed.
 
-    THE HOOK for the inference log's writer (``serving/inference_log.py``, helper
-    ``infer``, MONITORING_CONTRACT.md). It reads the scored output back (so both
-    engines log the same way, and Spark's parts need no second pass on the
-    cluster) and gives the writer the accepted rows with their file row numbers;
-    ``request_id`` is this batch run's id. Until that writer is part of Stageflow
-    it logs that the rows were not handed on and returns 0.
+    It reads the scored parts back on the driver, in part order (the order Spark
+    read the input), and gives the writer the accepted rows with their row
+    numbers; ``request_id`` is this batch run's id. The local engine logs each
+    chunk as it scores it instead.
     """
-    try:
-        from serving import inference_log  # noqa: PLC0415 - arrives with the monitoring issue
-    except ImportError:
-        logger.info("the inference log is not part of this Stageflow yet; batch rows not logged")
-        return 0
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}")
-    log = inference_log.InferenceLog.for_model(
-        pyfunc, model, version, source="batch", tracking_uri=tracking_uri
-    )
-    log.start()
-    handed = 0
+    log = _inference_log(pyfunc, model, version, tracking_uri)
+    if log is None:
+        return 0
+    handed = row = 0
     try:
-        row = 0
         for chunk in _scored_chunks(Path(output_path)):
-            accepted = (
-                chunk[GUARD_PROBLEM].isna().to_numpy()
-                if GUARD_PROBLEM in chunk
-                else np.ones(len(chunk), dtype=bool)
+            handed += _log_accepted(
+                log,
+                chunk,
+                chunk[PREDICTION_COLUMN].to_numpy(),
+                chunk[GUARD_PROBLEM],
+                run_id,
+                row,
+                chunk[id_column].astype(str).to_numpy() if id_column else None,
             )
-            # Runs of accepted rows keep each row's number within the input.
-            for start, stop in _runs(accepted):
-                part = chunk.iloc[start:stop]
-                log.record_frame(
-                    part,
-                    part[PREDICTION_COLUMN].to_numpy(),
-                    request_id=run_id,
-                    first_row=row + start,
-                    ids=part[id_column].astype(str).to_numpy() if id_column else None,
-                )
-                handed += stop - start
             row += len(chunk)
-        log.flush()
     finally:
-        log.close()
+        log.close(timeout=60)
     return handed
 
 

@@ -6,8 +6,14 @@ Stageflow's and no class is pickled. The pipeline is stored with skops and
 loaded with exactly the types it was logged with; the contract is a JSON file
 learned from the training split:
 
-- per column: numeric or categorical, its type, whether training saw missing
-  values, the observed range (numeric) or the categories seen (categorical);
+- per column: numeric, categorical or datetime, its type, whether training saw
+  missing values, the observed range (numeric), the categories seen
+  (categorical), or the format its training strings had (datetime: any date
+  parses, later ones included; text that is no date is ``wrong_type``);
+- ``ignored_columns``: columns training dropped (identifiers, constants) that a
+  request may still send; they are accepted and dropped before the checks. A
+  ``model_config`` ``ignored_columns`` (a list, or names separated by commas)
+  adds more at serve time;
 - the target: the classes, or the observed range of a regression target.
 
 Every request is checked against it before the pipeline runs, and every
@@ -24,7 +30,15 @@ count), ``abnormal_output`` is ``reject`` or ``clip`` (regression only: clip
 into range, count), ``on_invalid`` is ``fail`` (refuse the request at its first
 bad row) or ``mark`` (batch scoring: answer a frame of ``prediction`` and
 ``guard_problem``; a refused row gets a null prediction and the problem it would
-be refused for if sent alone).
+be refused for if sent alone). ``ignored_columns`` (a list, added to the contract's own)
+names columns a request may carry that the model never sees, such as the
+client's order number: accepted, dropped before the check.
+
+Under ``stageflow serve`` the model_config also holds ``inference_log`` (model,
+version, mode, ...): the model then records each request's checked arrays and
+answer in Stageflow's inference log (``serving/inference_log.py``, imported only
+then, from the serving environment). The log has the rows as the contract
+checked them, so nothing is rebuilt from the DataFrame.
 
 The model logs no input signature, so ``mlflow models serve`` does not enforce
 a schema on top of the contract. When the pipeline has the shape Stageflow
@@ -52,7 +66,7 @@ logger = logging.getLogger("stageflow.guard")
 
 CONTRACT_VERSION = 1
 CLASSIFICATION, REGRESSION = "classification", "regression"
-NUMERIC, CATEGORICAL = "numeric", "categorical"
+NUMERIC, CATEGORICAL, DATETIME = "numeric", "categorical", "datetime"
 # Values more than this fraction of the training range's width outside it are refused:
 # wide enough that a real outlier passes (drift is monitoring's job), narrow enough that
 # a unit mix-up or a sentinel like 9999 does not.
@@ -70,6 +84,12 @@ DEFAULT_POLICY = {name: choices[0] for name, choices in POLICIES.items()}
 PREDICTION, GUARD_PROBLEM = "prediction", "guard_problem"
 # Artifact keys of the logged model.
 PIPELINE, CONTRACT = "pipeline", "contract"
+# The model_config key (and contract key) naming columns a request may send and the model
+# drops; the model_config key of the inference log's settings (serving/inference_log.py).
+IGNORED_COLUMNS, INFERENCE_LOG = "ignored_columns", "inference_log"
+# The model_config a version is logged with. MLflow lets a load-time model_config
+# override only the keys logged here, so every key serving may set must be present.
+LOGGED_CONFIG = {**DEFAULT_POLICY, IGNORED_COLUMNS: [], INFERENCE_LOG: None}
 
 
 class Rejected(MlflowException):
@@ -114,15 +134,34 @@ class AbnormalOutput(Rejected):
 
 
 def learn_contract(
-    X: pd.DataFrame, y: pd.Series, task: str, numeric_columns: list[str], trusted_types: list[str]
+    X: pd.DataFrame,
+    y: pd.Series,
+    task: str,
+    numeric_columns: list[str],
+    trusted_types: list[str],
+    *,
+    date_formats: dict[str, str | None] | None = None,
+    ignored_columns=(),
 ) -> dict:
-    """The contract of a pipeline trained on ``X``/``y`` (JSON-ready)."""
+    """The contract of a pipeline trained on ``X``/``y`` (JSON-ready).
+
+    Args:
+        date_formats: the strftime format each datetime column's training strings
+            had (None: any), tried first when a request's dates are parsed.
+        ignored_columns: columns a request may send that the model drops unchecked.
+    """
     columns = []
     for name in X.columns:
         values = X[name]
         spec = {"name": str(name), "nullable": bool(values.isna().any())}
         present = values.dropna()
-        if name in numeric_columns:
+        if pd.api.types.is_datetime64_any_dtype(values):
+            spec["kind"], spec["type"] = DATETIME, "datetime"
+            spec["format"] = (date_formats or {}).get(str(name))
+            # For the record (monitoring): later dates are accepted, never refused.
+            spec["min"] = present.min().isoformat() if len(present) else None
+            spec["max"] = present.max().isoformat() if len(present) else None
+        elif name in numeric_columns:
             spec["kind"], spec["type"] = NUMERIC, "double"
             spec["min"] = float(present.min()) if len(present) else None
             spec["max"] = float(present.max()) if len(present) else None
@@ -142,6 +181,7 @@ def learn_contract(
         "version": CONTRACT_VERSION,
         "task": task,
         "columns": columns,
+        IGNORED_COLUMNS: [str(c) for c in ignored_columns],
         "target": target,
         "range_tolerance": RANGE_TOLERANCE,
         "skops_trusted_types": list(trusted_types),
@@ -166,16 +206,23 @@ def check_policy(config: dict | None) -> dict:
 
 
 class Guard:
-    """The contract, compiled for checking requests fast."""
+    """The contract, compiled for checking requests fast.
 
-    def __init__(self, contract: dict, policy: dict):
+    Args:
+        ignored: more columns to accept and drop, beside the contract's ``ignored_columns``
+            (an id column): never refused as unexpected, never passed on.
+    """
+
+    def __init__(self, contract: dict, policy: dict, ignored=()):
         self.contract = contract
         self.policy = policy
         self.names = [c["name"] for c in contract["columns"]]
         self._known = set(self.names)
+        self.ignored = (set(contract.get(IGNORED_COLUMNS, ())) | set(ignored)) - self._known
         self._index = pd.Index(self.names)
         self.numeric = [c for c in contract["columns"] if c["kind"] == NUMERIC]
         self.categorical = [c for c in contract["columns"] if c["kind"] == CATEGORICAL]
+        self.dates = [c for c in contract["columns"] if c["kind"] == DATETIME]
         tolerance = contract["range_tolerance"]
         low, high = [], []
         for c in self.numeric:
@@ -187,15 +234,21 @@ class Guard:
         self.categories = [frozenset(c["categories"]) for c in self.categorical]
         self.numeric_names = [c["name"] for c in self.numeric]
         self.categorical_names = [c["name"] for c in self.categorical]
+        self.date_names = [c["name"] for c in self.dates]
+        # The columns `check` returns as object arrays, in order: categorical, then dates.
+        self.object_names = self.categorical_names + self.date_names
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
 
     def check(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray], int]:
-        """The request's numeric columns as one float matrix and its categorical columns.
+        """The request's numeric columns as one float matrix and its other columns.
 
         Returns:
-            ``(numeric, categorical, flagged)``: missing categorical values are
-            ``None``; ``flagged`` counts unknown categories accepted under ``flag``.
+            ``(numeric, categorical, flagged)``: ``categorical`` holds one object
+            array per name in ``object_names`` (the categorical columns, then the
+            date columns as Timestamps); missing values are ``None``; ``flagged``
+            lists the rows with an unknown category accepted under ``flag`` (a row
+            once per such value).
 
         Raises:
             Rejected: naming the first row and column that breaks the contract.
@@ -205,11 +258,13 @@ class Guard:
         numeric = self._numeric(frame)
         if numeric.size:
             self._check_numeric(numeric)
-        categorical, flagged = [], 0
+        categorical, flagged = [], []
         for spec, allowed in zip(self.categorical, self.categories, strict=True):
             values, unknown = self._check_categorical(frame[spec["name"]].to_numpy(), spec, allowed)
             categorical.append(values)
             flagged += unknown
+        for spec in self.dates:
+            categorical.append(_check_datetime(frame[spec["name"]].to_numpy(), spec))
         return numeric, categorical, flagged
 
     def problems(self, frame: pd.DataFrame) -> np.ndarray:
@@ -272,6 +327,16 @@ class Guard:
                     problems[row] = "wrong_type"
                 elif reject_unknown and value not in allowed:
                     problems[row] = "unknown_category"
+        for spec in self.dates:
+            values = frame[spec["name"]].to_numpy()
+            try:
+                _check_datetime(values, spec)
+            except Rejected:  # some row is refused: find each (the column check stops at one)
+                for row in np.flatnonzero(_unmarked(problems)):
+                    try:
+                        _check_datetime(values[row : row + 1], spec)
+                    except Rejected as refused:
+                        problems[row] = refused.body["problem"]
         return problems
 
     def count(self, what: str) -> int:
@@ -285,18 +350,18 @@ class Guard:
             if name not in present:
                 raise Rejected(name, "missing_column", "missing; the model needs it")
         for name in columns:
-            if name not in self._known:
+            if name not in self._known and name not in self.ignored:
                 raise Rejected(
                     str(name), "unexpected_column", "not a column the model was trained on"
                 )
         if len(columns) != len(present):
             raise Rejected(None, "duplicate_column", "a column name appears twice")
-        return frame[self.names]
+        return frame[self.names]  # ignored columns dropped here
 
     def _numeric(self, frame: pd.DataFrame) -> np.ndarray:
         if not self.numeric:
             return np.empty((len(frame), 0))
-        if not self.categorical:
+        if not self.categorical and not self.dates:
             values = frame.to_numpy()  # all numbers: one float block, else objects
             if values.dtype.kind in "fiu":
                 return values.astype(np.float64, copy=False)
@@ -346,11 +411,11 @@ class Guard:
 
     def _check_categorical(
         self, values: np.ndarray, spec: dict, allowed: frozenset
-    ) -> tuple[np.ndarray, int]:
+    ) -> tuple[np.ndarray, list[int]]:
         name = spec["name"]
         expected = (bool, np.bool_) if spec["type"] == "boolean" else str
         out = np.empty(len(values), dtype=object)
-        unknown = 0
+        unknown = []
         for row, value in enumerate(values):
             value = _scalar(value)
             if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -379,9 +444,70 @@ class Guard:
                         f"a category not seen in training ({len(allowed)} known)",
                         row,
                     )
-                unknown += 1
+                unknown.append(row)
             out[row] = value
         return out, unknown
+
+
+def _check_datetime(values: np.ndarray, spec: dict) -> np.ndarray:
+    """A date column as Timestamps (None where missing), refusing what is not a date.
+
+    Strings parse in the training format first, then as any date pandas reads
+    (ISO 8601 and the like): a client need not know how the training file wrote
+    its dates. Dates after the training period are accepted.
+    """
+    name = spec["name"]
+    out = np.empty(len(values), dtype=object)
+    if values.dtype.kind == "M":  # already datetime64 (a Parquet file in batch scoring)
+        for row, value in enumerate(pd.DatetimeIndex(values)):
+            out[row] = None if pd.isna(value) else value
+        if not spec["nullable"] and any(v is None for v in out):
+            row = next(r for r, v in enumerate(out) if v is None)
+            raise Rejected(name, "missing_value", "missing (null), and training had none", row)
+        return out
+    texts = {}
+    for row, value in enumerate(values):
+        value = _scalar(value)
+        if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
+            if not spec["nullable"]:
+                raise Rejected(
+                    name, "missing_value", "missing (null), and training had no missing values", row
+                )
+            out[row] = None
+        elif isinstance(value, pd.Timestamp):
+            out[row] = value
+        elif isinstance(value, str):
+            texts[row] = value
+        else:
+            raise Rejected(
+                name, "wrong_type", f"expected a date or time, got {type(value).__name__}", row
+            )
+    if texts:
+        rows = list(texts)
+        strings = pd.Series(list(texts.values()), dtype=object)
+        try:
+            parsed = list(pd.to_datetime(strings, format=spec.get("format"), errors="coerce"))
+        except (TypeError, ValueError):  # e.g. mixed time zones: each value on its own
+            parsed = [pd.NaT] * len(strings)
+        parsed = [_any_date(t) if pd.isna(v) else v for t, v in zip(strings, parsed, strict=True)]
+        for row, value in zip(rows, parsed, strict=True):
+            if pd.isna(value):
+                raise Rejected(
+                    name,
+                    "wrong_type",
+                    "expected a date or time (e.g. 2024-01-31), got text that is not one",
+                    row,
+                )
+            out[row] = value
+    return out
+
+
+def _any_date(text: str):
+    try:
+        value = pd.to_datetime(text, format="mixed")
+    except (TypeError, ValueError, OverflowError):
+        return pd.NaT
+    return pd.NaT if value is None else value
 
 
 def _widened(lo: float | None, hi: float | None, tolerance: float) -> tuple[float, float]:
@@ -519,6 +645,7 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
     """A Stageflow pipeline behind its data contract (see the module docstring)."""
 
     contract: dict | None = None
+    log = None  # the inference log (serving/inference_log.py) when serving with one
 
     def load_context(self, context) -> None:
         import skops.io  # noqa: PLC0415 - only where a model is loaded
@@ -535,8 +662,15 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
         if contract.get("version") != CONTRACT_VERSION:
             raise MlflowException(f"unsupported data contract version {contract.get('version')}")
         self.pipeline, self.contract = pipeline, contract
+        config = config or {}
         self.policy = check_policy(config)
-        self.guard = Guard(contract, self.policy)
+        log_config = config.get(INFERENCE_LOG)
+        self.id_column = (log_config or {}).get("id_column")
+        ignored = config.get(IGNORED_COLUMNS) or ()
+        if isinstance(ignored, str):
+            ignored = [c.strip() for c in ignored.split(",") if c.strip()]
+        ignored = [*ignored, *([self.id_column] if self.id_column else [])]
+        self.guard = Guard(contract, self.policy, ignored)
         self.classify = contract["task"] == CLASSIFICATION
         self.estimator = pipeline[-1]
         self.fast = (
@@ -549,7 +683,18 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
             self.low, self.high = _widened(
                 contract["target"]["min"], contract["target"]["max"], contract["range_tolerance"]
             )
+        if log_config:
+            self._attach_log(log_config)
         return self
+
+    def _attach_log(self, log_config: dict) -> None:
+        try:
+            from serving import inference_log  # noqa: PLC0415 - Stageflow's, only when serving
+        except ImportError:
+            logger.warning("stageflow guard: serving.inference_log is not importable; no log")
+            return
+        self.log = inference_log.attach(self.guard, self.classify, log_config)
+        self._current_request = inference_log.current_request
 
     # The hint is one MLflow infers no schema from: the contract checks inputs, and the
     # scoring server parses requests as for any model without a signature.
@@ -559,6 +704,16 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
         ``model_input`` is what the scoring server parsed: a DataFrame, or a dict
         of columns (``inputs``/``instances``).
         """
+        note = self._current_request() if self.log is not None else None
+        if note is None:
+            return self._predict(model_input, None)
+        try:
+            return self._predict(model_input, note)
+        except Rejected as exc:
+            note.refuse(exc.body["problem"], exc.body.get("row"))
+            raise
+
+    def _predict(self, model_input, note):
         frame = _as_frame(model_input)
         if self.policy["on_invalid"] == "mark":
             return self._predict_marked(frame)
@@ -567,14 +722,22 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
             total = self.guard.count("unknown_category")
             logger.warning(
                 "stageflow guard: accepted %d unknown categories (flag policy); %d so far",
-                flagged,
+                len(flagged),
                 total,
             )
         if not len(frame):
             return np.array([])
-        if self.classify:
-            return self._classes(self._scores(numeric, categorical, frame))
-        return self._values(self._scores(numeric, categorical, frame))
+        scores = self._scores(numeric, categorical, frame)
+        answer = self._classes(scores) if self.classify else self._values(scores, note)
+        if note is not None:
+            # References only: the log's writer thread builds its table from these.
+            note.numeric, note.categorical, note.predictions = numeric, categorical, answer
+            if self.id_column is not None and self.id_column in frame.columns:
+                note.ids = frame[self.id_column].to_numpy()
+            if flagged:
+                note.problems = note.problems if note.problems is not None else _no_problems(frame)
+                note.problems[flagged] = "unknown_category"
+        return answer
 
     def _predict_marked(self, frame: pd.DataFrame) -> pd.DataFrame:
         """``on_invalid: mark``: every row answered; a refused one null, with its problem.
@@ -667,7 +830,7 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
                 **dict(zip(self.guard.numeric_names, numeric.T, strict=True)),
                 **{
                     name: np.where(values == None, np.nan, values)  # noqa: E711 - elementwise
-                    for name, values in zip(self.guard.categorical_names, categorical, strict=True)
+                    for name, values in zip(self.guard.object_names, categorical, strict=True)
                 },
             },
             index=frame.index,
@@ -714,7 +877,7 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
             )
         return self.estimator.classes_[proba.argmax(axis=1)]
 
-    def _values(self, values: np.ndarray) -> np.ndarray:
+    def _values(self, values: np.ndarray, note=None) -> np.ndarray:
         values = np.asarray(values, dtype=float)
         finite = np.isfinite(values)
         outside = finite & ((values < self.low) | (values > self.high))
@@ -730,6 +893,9 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
                 int(outside.sum()),
                 total,
             )
+            if note is not None:
+                note.problems = _no_problems(values)
+                note.problems[outside] = "out_of_range"
             return np.clip(values, self.low, self.high)
         logger.warning(
             "stageflow guard: abnormal output (%s) in row %d; %d so far", problem, row, total
@@ -742,6 +908,10 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
             f"{target['min']:.6g} to {target['max']:.6g})"
         )
         raise AbnormalOutput(None, problem, detail, row)
+
+
+def _no_problems(rows) -> np.ndarray:
+    return np.full(len(rows), None, dtype=object)
 
 
 def _linear_kind(estimator) -> str | None:

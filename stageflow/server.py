@@ -2,7 +2,9 @@
 
 Defaults: SQLite backend in WAL mode and proxied artifacts, both under
 ``STAGEFLOW_HOME`` (``./.stageflow``). ``start`` reuses a healthy server it
-already runs; ``stop`` stops its whole process group and forgets it.
+already runs; ``stop`` stops its whole process group and forgets it — after checking
+that the recorded pid is still the server it started (its start time, recorded in
+``server.json``), so a stale file never signals an unrelated process that reused the pid.
 
 One uvicorn worker on purpose: ``mlflow server`` defaults to four, and uvicorn
 with more than one worker leaves Nagle's algorithm on for keep-alive
@@ -24,13 +26,23 @@ Two more settings keep a tracking call fast (``server_env``; BENCHMARKS.md,
 
 Either can be turned back on from the caller's environment:
 ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true``, ``STAGEFLOW_SQLITE_SYNCHRONOUS=FULL``.
+
+A server others reach must not be open to them: a non-loopback ``host`` is refused
+unless ``auth`` turns on MLflow's basic-auth app (or the caller insists with
+``insecure_no_auth``). With ``auth``, the admin user is ``admin`` with its password
+from ``STAGEFLOW_ADMIN_PASSWORD``, new users have no permissions until granted, and
+the auth database lives beside the tracking data. Secrets stay out of files and
+command lines: the store URIs reach ``mlflow server`` through its own environment
+variables, ``server.json`` records them masked, and ``STAGEFLOW_HOME`` is owner-only.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import secrets
 import signal
 import sqlite3
 import time
@@ -39,6 +51,7 @@ from pathlib import Path
 
 from stageflow import processes, tracking
 from stageflow.errors import StageflowError, UsageError
+from stageflow.secrets import PRIVATE_FILE_MODE, mask_uri, private_dir, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +63,19 @@ JOB_EXECUTION_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 SQLITE_SYNCHRONOUS_ENV = "STAGEFLOW_SQLITE_SYNCHRONOUS"
 SQLITE_TUNING_DIR = Path(__file__).with_name("_sqlite_tuning")
 
+# Basic auth (MLflow's `basic-auth` app). The password never travels in argv or files.
+ADMIN_USERNAME = "admin"  # MLflow's default admin name
+ADMIN_PASSWORD_ENV = "STAGEFLOW_ADMIN_PASSWORD"
+MIN_PASSWORD_LENGTH = 12  # MLflow refuses shorter ones at start-up
+AUTH_CONFIG_FILE = "basic_auth.ini"
+# The auth app's CSRF protection signs with a key that must survive restarts.
+FLASK_SECRET_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
+FLASK_SECRET_FILE = "flask_secret.key"
+AUTH_DB_FILE = "basic_auth.db"
+# A password check is scrypt/PBKDF2, ~0.3 s; caching a good one for a minute keeps every
+# tracking call from paying it (a changed password is honoured within that minute).
+AUTH_CACHE_TTL_S = 60
+
 
 @dataclass
 class ServerInfo:
@@ -59,7 +85,10 @@ class ServerInfo:
     backend_store_uri: str
     artifacts_destination: str
     log: str
+    auth: bool = False
     reused: bool = False
+    started: float | None = None  # the process's start time: with the pid, its identity
+    stale: bool = False  # set by stop(): the recorded pid is no longer this server
 
     @property
     def uri(self) -> str:
@@ -75,8 +104,11 @@ def read_state(home: Path | None = None) -> ServerInfo | None:
     if not path.exists():
         return None
     try:
-        return ServerInfo(**json.loads(path.read_text()))
-    except (ValueError, TypeError):
+        state = json.loads(path.read_text())
+        return ServerInfo(
+            **{k: v for k, v in state.items() if k in ServerInfo.__dataclass_fields__}
+        )
+    except (ValueError, TypeError, AttributeError):
         return None
 
 
@@ -90,35 +122,56 @@ def enable_sqlite_wal(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(db_path) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
+    os.chmod(db_path, PRIVATE_FILE_MODE)
 
 
 def server_command(
-    host: str, port: int, backend_store_uri: str, artifacts_destination: str, workers: int = 1
+    host: str,
+    port: int,
+    workers: int = 1,
+    auth: bool = False,
+    allowed_hosts: str | None = None,
 ) -> list[str]:
-    return [
+    """The ``mlflow server`` command line. The store URIs are not in it: a password in
+    one would show in every process list; they go through :func:`server_env`."""
+    command = [
         processes.bin_path("mlflow"),
         "server",
         "--host",
         host,
         "--port",
         str(port),
-        "--backend-store-uri",
-        backend_store_uri,
-        "--artifacts-destination",
-        artifacts_destination,
         "--serve-artifacts",
         "--workers",
         str(workers),
     ]
+    if auth:
+        command += ["--app-name", "basic-auth"]
+    if allowed_hosts:
+        command += ["--allowed-hosts", allowed_hosts]
+    return command
 
 
-def server_env(backend_store_uri: str) -> dict[str, str]:
+def server_env(
+    backend_store_uri: str, artifacts_destination: str, auth_config: Path | None = None
+) -> dict[str, str]:
     """The environment for the ``mlflow server`` process tree (see the module docstring).
 
     A setting already in this process's environment wins, so a user can opt back
     into MLflow's job execution or into ``synchronous=FULL``.
     """
-    extra = {}
+    extra = {
+        # `mlflow server`'s own variables for --backend-store-uri / --artifacts-destination.
+        "MLFLOW_BACKEND_STORE_URI": backend_store_uri,
+        "MLFLOW_ARTIFACTS_DESTINATION": artifacts_destination,
+    }
+    if auth_config is not None:
+        extra["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config)
+        extra["MLFLOW_AUTH_ADMIN_USERNAME"] = ADMIN_USERNAME
+        extra["MLFLOW_AUTH_ADMIN_PASSWORD"] = os.environ[ADMIN_PASSWORD_ENV]
+        extra[FLASK_SECRET_ENV] = os.environ.get(FLASK_SECRET_ENV) or _flask_secret(
+            auth_config.parent
+        )
     if JOB_EXECUTION_ENV not in os.environ:
         extra[JOB_EXECUTION_ENV] = "false"
     if backend_store_uri.startswith("sqlite:"):
@@ -138,15 +191,36 @@ def start(
     host: str = tracking.DEFAULT_HOST,
     home: Path | None = None,
     tie_to_parent: bool = False,
+    auth: bool = False,
+    allowed_hosts: str | None = None,
+    insecure_no_auth: bool = False,
 ) -> ServerInfo:
     """Start the tracking server, or return the healthy one already running from ``home``.
 
+    Args:
+        auth: serve MLflow's basic-auth app (admin password from ``STAGEFLOW_ADMIN_PASSWORD``).
+        allowed_hosts: the Host names MLflow answers (``--allowed-hosts``), e.g. the DNS
+            name colleagues use; MLflow answers 403 to any other.
+        insecure_no_auth: bind a non-loopback ``host`` without authentication anyway.
+
     Raises:
-        UsageError: the port is taken by something that is not our server.
+        UsageError: the port is taken by something that is not our server; a public
+            bind without ``auth``; ``auth`` without the admin password.
         StageflowError: the server exited or did not become healthy.
     """
-    home = home or tracking.home()
-    home.mkdir(parents=True, exist_ok=True)
+    check_exposure(host, auth, insecure_no_auth)
+    if auth and not os.environ.get(ADMIN_PASSWORD_ENV):
+        raise UsageError(
+            f"--auth needs the admin password in {ADMIN_PASSWORD_ENV} "
+            f"(e.g. `read -s {ADMIN_PASSWORD_ENV}; export {ADMIN_PASSWORD_ENV}`); "
+            "it is never taken from the command line"
+        )
+    if auth and len(os.environ[ADMIN_PASSWORD_ENV]) < MIN_PASSWORD_LENGTH:
+        raise UsageError(
+            f"{ADMIN_PASSWORD_ENV} must be at least {MIN_PASSWORD_LENGTH} characters "
+            "(MLflow's rule for its users' passwords)"
+        )
+    home = private_dir(home or tracking.home())
     current = read_state(home)
     if current and processes.http_ok(current.uri + "/health"):
         if current.port == port:
@@ -168,20 +242,27 @@ def start(
     if artifacts_destination is None:
         artifacts_destination = str(home / "artifacts")
 
+    auth_config = write_auth_config(home) if auth else None
     log_path = home / LOG_FILE
+    if log_path.exists():
+        os.chmod(log_path, PRIVATE_FILE_MODE)
+    else:
+        write_private(log_path, "")
     proc = processes.spawn(
-        server_command(host, port, backend_store_uri, artifacts_destination),
+        server_command(host, port, auth=auth, allowed_hosts=allowed_hosts),
         log_path=log_path,
-        env=server_env(backend_store_uri),
+        env=server_env(backend_store_uri, artifacts_destination, auth_config),
         tie_to_parent=tie_to_parent,
     )
     info = ServerInfo(
         pid=proc.pid,
         host=host,
         port=port,
-        backend_store_uri=backend_store_uri,
-        artifacts_destination=artifacts_destination,
+        backend_store_uri=mask_uri(backend_store_uri),
+        artifacts_destination=mask_uri(artifacts_destination),
         log=str(log_path),
+        auth=auth,
+        started=processes.started_at(proc.pid),
     )
     try:
         processes.wait_until(
@@ -194,20 +275,103 @@ def start(
     except (RuntimeError, TimeoutError) as exc:
         processes.stop_group(proc.pid)
         raise StageflowError(str(exc).splitlines()[0]) from None
-    _state_path(home).write_text(json.dumps(asdict(info), indent=2))
+    if auth and (home / AUTH_DB_FILE).exists():
+        os.chmod(home / AUTH_DB_FILE, PRIVATE_FILE_MODE)  # MLflow creates it with the umask
+    write_private(_state_path(home), json.dumps(asdict(info), indent=2))
     logger.info("tracking server ready at %s (pid %d)", info.uri, info.pid)
     return info
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def check_exposure(host: str, auth: bool, insecure_no_auth: bool) -> None:
+    """Refuse to open the tracking server beyond this machine without authentication.
+
+    Anyone who reaches an open server moves ``@champion`` (what ``serve`` follows), reads
+    every run and data split, and can overwrite a version's files through the artifact API.
+    """
+    if is_loopback(host) or auth or insecure_no_auth:
+        return
+    raise UsageError(
+        f"--host {host} would let anyone who reaches it change what is served; add --auth "
+        f"(admin password in {ADMIN_PASSWORD_ENV}) or, on a network you trust completely, "
+        "--insecure-no-auth"
+    )
+
+
+def write_auth_config(home: Path) -> Path:
+    """MLflow's basic-auth configuration for a server run from ``home`` (owner-only).
+
+    New users get no permission until one is granted (``default_permission``); the admin
+    password is not in the file but in the server's environment (MLflow reads
+    ``MLFLOW_AUTH_ADMIN_PASSWORD`` only to create the admin user on first start).
+    """
+    path = home / AUTH_CONFIG_FILE
+    write_private(
+        path,
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{home / AUTH_DB_FILE}\n"
+        f"admin_username = {ADMIN_USERNAME}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n"
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n",
+    )
+    return path
+
+
+def _flask_secret(home: Path) -> str:
+    """The key the auth app signs CSRF tokens with: made once, kept owner-only in ``home``."""
+    path = home / FLASK_SECRET_FILE
+    if not path.exists():
+        write_private(path, secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 def stop(home: Path | None = None) -> ServerInfo | None:
-    """Stop the server started from ``home``; returns what was stopped, or None."""
+    """Stop the server started from ``home``; returns what was stopped, or None.
+
+    A ``server.json`` whose pid now belongs to another process (the server died and
+    the pid was reused) is removed without signalling anything; the result says
+    ``stale``.
+    """
     home = home or tracking.home()
     info = read_state(home)
     if info is None:
         return None
-    processes.stop_group(info.pid)
+    if is_our_server(info):
+        processes.stop_group(info.pid)
+    else:
+        info.stale = True
+        logger.warning(
+            "%s names pid %d, which is no longer the tracking server started from %s; "
+            "removed the stale file and signalled nothing",
+            _state_path(home),
+            info.pid,
+            home,
+        )
     _state_path(home).unlink(missing_ok=True)
     return info
+
+
+def is_our_server(info: ServerInfo) -> bool:
+    """Whether ``info.pid`` is still the server ``info`` records (pid and start time).
+
+    A file written before start times were recorded is judged by the command line:
+    an ``mlflow server`` on the recorded port.
+    """
+    if info.started is not None:
+        return processes.is_process(info.pid, info.started)
+    argv = processes.command_line(info.pid)
+    return "server" in argv and any("mlflow" in a for a in argv[:2]) and str(info.port) in argv
 
 
 def run_foreground(info: ServerInfo) -> None:

@@ -1,33 +1,46 @@
-"""`mlflow run` executes the same functions as the CLI."""
+"""`mlflow run` executes the same functions as the CLI, with any value a user may pass."""
 
+import os
+import signal
 import subprocess
+import time
+import uuid
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import requests
 import yaml
 from mlflow import MlflowClient
 
 import registry
-from stageflow import processes
+from stageflow import processes, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVE_TIMEOUT_S = 180.0
 
 
-def mlflow_run(entry_point: str, tracking_uri: str, **params: str) -> None:
-    """``mlflow run . -e ENTRY --env-manager local -P k=v ...``, which must exit 0."""
+def mlflow_run_args(entry_point: str, **params: str) -> list[str]:
     args = [processes.bin_path("mlflow"), "run", str(ROOT), "-e", entry_point]
     args += ["--env-manager", "local"]
     for key, value in params.items():
         args += ["-P", f"{key}={value}"]
+    return args
+
+
+def mlflow_run(entry_point: str, tracking_uri: str, env: dict | None = None, **params: str):
+    """``mlflow run . -e ENTRY --env-manager local -P k=v ...``, which must exit 0."""
     result = subprocess.run(
-        args,
+        mlflow_run_args(entry_point, **params),
         capture_output=True,
         text=True,
-        env=processes.venv_env({"MLFLOW_TRACKING_URI": tracking_uri}),
-        timeout=300,
+        env=processes.venv_env({"MLFLOW_TRACKING_URI": tracking_uri, **(env or {})}),
+        timeout=600,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
 
 
 def test_every_documented_entry_point_exists():
@@ -74,3 +87,123 @@ def test_mlflow_run_rollback_without_a_target_uses_the_ledger(
     mlflow_run("rollback", tracking_uri, model=model_name, reason="from mlflow run")
     assert registry.status(model_name).production == "1"
     assert registry.history(model_name)[-1].reason == "from mlflow run"
+
+
+# Values that need shell quoting: spaces, quotes, Korean (issue 10).
+TARGET = "이탈 여부"
+
+
+@pytest.fixture(scope="module")
+def quoted(tracking_server, tmp_path_factory):
+    """A CSV under a folder whose name needs quoting, with a target that does too."""
+    folder = tmp_path_factory.mktemp("mlflow-run") / "it's 고객 data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = 300
+    frame = pd.DataFrame({"나이": rng.integers(20, 80, rows).astype(float)})
+    frame["지역 이름"] = rng.choice(["서울", "부산"], rows)
+    frame[TARGET] = ((frame["나이"] > 50) ^ (rng.random(rows) < 0.1)).astype(int)
+    data = folder / "고객 목록.csv"
+    frame.to_csv(data, index=False)
+    return {"data": str(data), "folder": folder, "rows": frame.drop(columns=[TARGET])}
+
+
+@pytest.fixture(scope="module")
+def trained(tracking_server, quoted):
+    """Version 1 by `mlflow run -e train`, version 2 by `mlflow run -e tune`."""
+    name = f"churn-{uuid.uuid4().hex[:6]}"
+    uri = tracking_server.uri
+    params = {"data": quoted["data"], "target": TARGET, "model_name": name}
+    mlflow_run("train", uri, family="lr", **params)
+    home = {"STAGEFLOW_HOME": str(quoted["folder"] / "home")}
+    study = "it's a study 연구"
+    mlflow_run("tune", uri, env=home, n_trials="2", families="lr", study_name=study, **params)
+    return name
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_with_values_needing_quotes_logs_them_once(tracking_uri, quoted, trained):
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(client.get_model_version(trained, "1").run_id)
+    assert run.data.tags["mlflow.project.entryPoint"] == "train"
+    # The runner's record stands (shell-quoted); Stageflow's reader gives the plain values.
+    assert run.data.params["target"] != TARGET
+    plain = tracking.plain_params(run)
+    assert plain["target"] == TARGET
+    assert plain["data"] == quoted["data"]
+    assert plain["family"] == "lr"
+    assert "test_accuracy" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_mlflow_run_tune_with_values_needing_quotes_logs_the_study(tracking_uri, quoted, trained):
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(client.get_model_version(trained, "2").run_id)
+    assert parent.data.tags["mlflow.project.entryPoint"] == "tune"
+    plain = tracking.plain_params(parent)
+    assert (plain["target"], plain["data"]) == (TARGET, quoted["data"])
+    assert plain["study.name"] == "it's a study 연구"
+    assert plain["study_name"] == "it's a study 연구"  # the runner's own key, unquoted
+    assert plain["family"] == "lr"
+
+
+@pytest.mark.slow
+def test_mlflow_run_promote_score_rollback_and_serve_take_quoted_values(
+    tracking_uri, quoted, trained, tmp_path
+):
+    reason = 'it\'s "ready" — 검증 완료'
+    for version in ("1", "2"):
+        for stage in ("Staging", "Production"):
+            mlflow_run(
+                "promote", tracking_uri, model=trained, version=version, to=stage, reason=reason
+            )
+    assert registry.status(trained).production == "2"
+    assert registry.history(trained)[-1].reason == reason
+
+    source = quoted["folder"] / "점수 매길 it's.csv"
+    output = tmp_path / "결과 it's.csv"
+    quoted["rows"].head(20).to_csv(source, index=False)
+    mlflow_run("score", tracking_uri, model=trained, input=str(source), output=str(output))
+    assert pd.read_csv(output)["model_version"].eq(2).all()
+
+    mlflow_run("rollback", tracking_uri, model=trained, reason=reason)
+    assert registry.status(trained).production == "1"
+    assert registry.history(trained)[-1].reason == reason
+
+    port = processes.free_port()
+    serving = subprocess.Popen(
+        mlflow_run_args("serve", model=trained, port=str(port)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=processes.venv_env(
+            {"MLFLOW_TRACKING_URI": tracking_uri, "STAGEFLOW_HOME": str(tmp_path / "home")}
+        ),
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    rows = quoted["rows"].head(2)
+    body = {"dataframe_split": {"columns": list(rows.columns), "data": rows.values.tolist()}}
+    try:
+        answer, deadline = None, time.monotonic() + SERVE_TIMEOUT_S
+        while time.monotonic() < deadline and serving.poll() is None:
+            try:
+                answer = requests.post(
+                    f"http://127.0.0.1:{port}/invocations", json=body, timeout=10
+                )
+                if answer.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        assert serving.poll() is None, "mlflow run -e serve exited"
+        assert answer is not None, "the front door never answered"
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Model-Version"] == "1"
+        assert len(answer.json()["predictions"]) == 2
+    finally:
+        os.killpg(serving.pid, signal.SIGTERM)
+        try:
+            serving.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serving.pid, signal.SIGKILL)
+            serving.wait()

@@ -116,6 +116,7 @@ def run(args) -> int:
         on_invalid=args.on_invalid,
         id_column=args.id_column,
         spark_master=args.spark_master,
+        progress=not args.json,  # stderr; --json runs stay quiet
     )
     refused = sum(result.refused.values())
     marked = f", {refused} refused and marked" if refused else ""

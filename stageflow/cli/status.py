@@ -52,7 +52,7 @@ def run_status(args) -> int:
         "  versions:",
     ]
     for v in st.versions:
-        lines.append(f"    {v['version']:>4}  {v['stage']:<10}  {v['description']}")
+        lines.append(version_line(v))
     if st.last_transition:
         t = st.last_transition
         lines.append(
@@ -65,6 +65,18 @@ def run_status(args) -> int:
         lines.append(f"  ! {problem}")
     emit(args, st.to_json(), "\n".join(lines))
     return 0
+
+
+# A version's line: four spaces, the version in four, two, the stage in ten, two.
+DESCRIPTION_COLUMN = 4 + 4 + 2 + 10 + 2
+
+
+def version_line(version: dict) -> str:
+    """One version of ``status``; a description's later lines indented under its first."""
+    first, *rest = (version["description"] or "").splitlines() or [""]
+    lines = [f"    {version['version']:>4}  {version['stage']:<10}  {first}".rstrip()]
+    lines += [" " * DESCRIPTION_COLUMN + line if line.strip() else "" for line in rest]
+    return "\n".join(lines)
 
 
 def run_history(args) -> int:

@@ -28,6 +28,23 @@ def add_data(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_data_check(parser: argparse.ArgumentParser) -> None:
+    """The data check's overrides (README, "What Stageflow checks before training")."""
+    parser.add_argument(
+        "--id-column",
+        action="append",
+        default=[],
+        metavar="C",
+        help="an identifier column: dropped from the features, accepted and ignored in "
+        "requests (repeatable; id-like columns are also found on their own)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse the data (exit 2) when the data check finds leakage or too-small classes",
+    )
+
+
 def add_commands(commands) -> None:
     train = commands.add_parser(
         "train",
@@ -68,6 +85,7 @@ def add_commands(commands) -> None:
     train.add_argument(
         "--experiment", metavar="NAME", help="MLflow experiment (default: model name)"
     )
+    add_data_check(train)
     add_tracking(train)
     add_json(train)
 
@@ -138,6 +156,7 @@ def add_commands(commands) -> None:
     tune.add_argument(
         "--experiment", metavar="NAME", help="MLflow experiment (default: model name)"
     )
+    add_data_check(tune)
     add_tracking(tune)
     add_json(tune)
 
@@ -157,10 +176,13 @@ def run_train(args) -> int:
         task=args.task,
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,
+        id_columns=[c for c in args.id_column if c],  # MLproject passes "" for none
+        strict=args.strict,
     )
     test = {k.removeprefix("test_"): v for k, v in result.metrics.items() if k.startswith("test_")}
     lines = [
         f"trained {result.family} ({result.task}) on {args.data}",
+        f"  {result.data_check_summary}",
         "  test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()),
         f"registered {result.model_name} version {result.version}",
         f"  run: {result.run_url}",
@@ -194,11 +216,14 @@ def run_tune(args) -> int:
         # Nothing has run in this process yet (no threads, databases or OpenMP), so its
         # workers can be forked instead of spawned: seconds sooner at work.
         worker_start="fork",
+        id_columns=[c for c in args.id_column if c],  # MLproject passes "" for none
+        strict=args.strict,
     )
     t = result.trials
     lines = [
         f"study {result.study_name} in {result.storage}: {t['added']} trial(s) added "
         f"({t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed in all)",
+        f"  {result.data_check_summary}",
         f"  best: trial {result.best_trial}, cv {result.metric} {result.best_value:.4f}, "
         + ", ".join(f"{k}={v}" for k, v in result.best_params.items()),
         "  test " + ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()),

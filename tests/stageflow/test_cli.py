@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from stageflow import processes
+from stageflow.cli.status import version_line
 
 
 def stageflow(*args, env=None, timeout=120):
@@ -41,6 +44,8 @@ def assert_one_line_error(result, code: int, *fragments: str):
         (["promote", "--model", "m", "--version", "x", "--to", "Staging"], "not a whole number"),
         (["promote", "--model", "m", "--version", "0", "--to", "Staging"], "at least 1"),
         (["serve", "--model", "m", "--port", "70000"], "not a TCP port"),
+        (["serve", "--model", "m", "--inference-log", "sample:2"], "sample:FRACTION"),
+        (["serve", "--model", "m", "--log-retention", "forever"], "500MB,7d"),
         (["tune", "--data", "builtin:wine"], "--target"),
         (["deploy"], "invalid choice"),
     ],
@@ -81,6 +86,18 @@ def test_an_unreachable_tracking_server_names_the_uri_and_the_fix():
     # The environment variable is honoured the same way.
     result = stageflow("history", "--model", "m", env={"MLFLOW_TRACKING_URI": uri})
     assert_one_line_error(result, 1, uri)
+
+
+def test_status_indents_a_descriptions_later_lines_under_its_version():
+    description = "random forest trained on wine\ngates: accuracy ok\n\nschema ok"
+    lines = version_line({"version": "12", "stage": "Staging", "description": description})
+    assert lines.splitlines() == [
+        "      12  Staging     random forest trained on wine",
+        "                      gates: accuracy ok",
+        "",
+        "                      schema ok",
+    ]
+    assert version_line({"version": "3", "stage": "None", "description": ""}) == "       3  None"
 
 
 @pytest.mark.slow
@@ -132,6 +149,40 @@ class TestAgainstARealServer:
         assert payload["model_name"] == model_name
         assert payload["version"] == "1"
         assert payload["metrics"]["test_rmse"] > 0
+
+    def test_train_reports_the_data_check_and_strict_refuses_leakage(self, tmp_path, model_name):
+        rng = np.random.default_rng(0)
+        rows = 400
+        x = rng.normal(size=rows)
+        frame = pd.DataFrame(
+            {
+                "주문 번호": [f"A-{i:05d}" for i in range(rows)],
+                "x": x,
+                "label": (x + rng.normal(scale=0.7, size=rows) > 0).astype(int),
+            }
+        )
+        frame["copy"] = frame["label"].map({0: "no", 1: "yes"})
+        path = tmp_path / "orders.csv"
+        frame.to_csv(path, index=False)
+        common = ("train", "--data", str(path), "--target", "label", "--family", "lr")
+        common += ("--model-name", model_name)
+
+        refused = self.run(*common, "--strict")
+        assert_one_line_error(refused, 2, "--strict", "'copy' alone scores")
+
+        trained = self.run(*common, "--id-column", "x", "--json")
+        assert trained.returncode == 0, trained.stderr
+        report = json.loads(trained.stdout)["data_check"]
+        assert report["dropped"]["identifier"] == ["주문 번호", "x"]
+        assert report["declared_identifiers"] == ["x"]
+        assert [leak["column"] for leak in report["leakage"]] == ["copy"]
+        assert "'주문 번호'" in trained.stderr  # the warning names the dropped column
+
+        prose = self.run(*common)
+        assert prose.returncode == 0, prose.stderr
+        assert "data check: identifier(s) '주문 번호' dropped" in prose.stdout
+
+        assert_one_line_error(self.run(*common, "--id-column", "nope"), 2, "'nope' is not in")
 
     def test_registry_commands_and_their_errors(self, register_versions, model_name):
         register_versions(model_name)
