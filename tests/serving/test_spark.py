@@ -18,6 +18,7 @@ import requests
 from mlflow import MlflowClient
 
 from experiments.train import train
+from monitoring import read_log
 from registry._stages import PRODUCTION, move
 from serving import _spark
 from serving.batch import BATCH_EXPERIMENT, input_digest, score
@@ -150,6 +151,16 @@ def test_refused_rows_are_marked_as_locally_and_the_batch_run_counts_them(
     assert run.data.metrics["seconds"] > 0
     for problem, n in counts.items():
         assert run.data.metrics[f"refused_rows.{problem}"] == n
+
+    # Both runs' accepted rows reached the inference log as batch rows, by their row numbers.
+    logged = read_log(name, tracking_uri=tracking_uri, versions=[version])
+    accepted = {i for i in range(len(rows)) if i not in faults}
+    for result in (local, on_spark):
+        mine = logged[logged["request_id"] == result.run_id]
+        assert set(mine["source"]) == {"batch"}
+        assert set(mine["row"]) == accepted
+    local_ids = logged[logged["request_id"] == local.run_id].set_index("row")["id"]
+    assert local_ids.loc[sorted(accepted)].tolist() == rows[ID].iloc[sorted(accepted)].tolist()
 
 
 @needs_spark
