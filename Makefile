@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stageflow-installed
+# The tests also run batch scoring on Spark: the optional `spark` extra (pyspark), kept
+# out of `make demo`, which needs only the base install.
+SPARK_STAMP := $(VENV)/.stageflow-spark-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-loaded unit lint format bench bench-tuning bench-serving bench-deps ui-deps airflow-venv clean
+.PHONY: demo test test-loaded unit lint format bench bench-tuning bench-serving bench-batch bench-deps ui-deps java-deps airflow-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +31,10 @@ $(AIRFLOW_STAMP): pyproject.toml
 
 airflow-venv: $(AIRFLOW_STAMP)
 
+$(SPARK_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,spark]'
+	touch $(SPARK_STAMP)
+
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/stageflow demo
 
@@ -36,7 +43,7 @@ demo: $(STAMP)
 # whichever worker is free; tests marked xdist_group share a server on one worker.
 TEST_WORKERS ?= 2
 
-test: $(STAMP)
+test: $(SPARK_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) \
 		--dist loadgroup --no-loadscope-reorder
 
@@ -48,7 +55,7 @@ test-loaded: $(STAMP)
 	echo "test-loaded: a CPU-bound process (pid $$load) is busy on one core"; \
 	$(MAKE) --no-print-directory test
 
-unit: $(STAMP)
+unit: $(SPARK_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
@@ -66,6 +73,10 @@ bench: $(STAMP)
 bench-tuning: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/tuning_overhead.py
 
+# Local chunked scoring against Spark local[2] (needs Java: `make java-deps`).
+bench-batch: $(SPARK_STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/batch_scoring.py
+
 # Needs wrk: `make bench-deps`.
 bench-serving: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/serving_throughput.py
@@ -79,6 +90,11 @@ bench-deps:
 ui-deps:
 	$(SUDO) apt-get update
 	$(SUDO) apt-get install -y chromium chromium-driver
+
+# The Java runtime Spark needs for `score --engine spark` and its tests (Debian/Ubuntu).
+java-deps:
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y openjdk-17-jre-headless
 
 clean:
 	rm -rf .stageflow mlruns mlartifacts .pytest_cache .ruff_cache

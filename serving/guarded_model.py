@@ -27,7 +27,10 @@ Inputs answer 400 (``INVALID_INPUT``); abnormal outputs answer 422
 (``ABNORMAL_OUTPUT``). The policies (``model_config``, overridable at serve
 time): ``unknown_category`` is ``reject`` or ``flag`` (accept, encode as unseen,
 count), ``abnormal_output`` is ``reject`` or ``clip`` (regression only: clip
-into range, count). ``ignored_columns`` (a list, added to the contract's own)
+into range, count), ``on_invalid`` is ``fail`` (refuse the request at its first
+bad row) or ``mark`` (batch scoring: answer a frame of ``prediction`` and
+``guard_problem``; a refused row gets a null prediction and the problem it would
+be refused for if sent alone). ``ignored_columns`` (a list, added to the contract's own)
 names columns a request may carry that the model never sees, such as the
 client's order number: accepted, dropped before the check.
 
@@ -69,8 +72,16 @@ NUMERIC, CATEGORICAL, DATETIME = "numeric", "categorical", "datetime"
 # a unit mix-up or a sentinel like 9999 does not.
 RANGE_TOLERANCE = 1.0
 PROBABILITY_TOLERANCE = 1e-6
-POLICIES = {"unknown_category": ("reject", "flag"), "abnormal_output": ("reject", "clip")}
+POLICIES = {
+    "unknown_category": ("reject", "flag"),
+    "abnormal_output": ("reject", "clip"),
+    # fail: a request is refused at its first bad row (serving). mark: every row is
+    # answered, a refused one with a null prediction and its problem (batch scoring).
+    "on_invalid": ("fail", "mark"),
+}
 DEFAULT_POLICY = {name: choices[0] for name, choices in POLICIES.items()}
+# The columns ``on_invalid: mark`` answers with.
+PREDICTION, GUARD_PROBLEM = "prediction", "guard_problem"
 # Artifact keys of the logged model.
 PIPELINE, CONTRACT = "pipeline", "contract"
 # The model_config key (and contract key) naming columns a request may send and the model
@@ -256,6 +267,78 @@ class Guard:
             categorical.append(_check_datetime(frame[spec["name"]].to_numpy(), spec))
         return numeric, categorical, flagged
 
+    def problems(self, frame: pd.DataFrame) -> np.ndarray:
+        """Per row, the problem :meth:`check` refuses it for when sent alone, or None.
+
+        The mark mode's checks (``on_invalid: mark``), kept apart from :meth:`check`
+        so the online path stays as it is. Checks run in :meth:`check`'s order, so
+        a row with several faults reports the one a single-row request would.
+
+        Raises:
+            Rejected: for what concerns the whole request (a missing, unexpected or
+                duplicate column), as :meth:`check` does.
+        """
+        if not frame.columns.equals(self._index):
+            frame = self._reorder(frame, frame.columns.tolist())
+        problems = np.full(len(frame), None, dtype=object)
+
+        def mark(rows: np.ndarray, problem: str) -> None:
+            problems[rows & _unmarked(problems)] = problem
+
+        X = np.empty((len(frame), len(self.numeric)))
+        for j, name in enumerate(self.numeric_names):
+            values = frame[name].to_numpy()
+            kind = values.dtype.kind
+            if kind in "fiu":
+                X[:, j] = values
+                continue
+            X[:, j] = np.nan
+            if kind != "O":  # a whole column of the wrong kind: every row refused for it
+                mark(np.ones(len(frame), dtype=bool), "wrong_type")
+                continue
+            for row, value in enumerate(values):
+                value = _scalar(value)
+                if value is None:
+                    continue
+                if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+                    value, (bool, np.bool_)
+                ):
+                    X[row, j] = value
+                elif problems[row] is None:
+                    problems[row] = "wrong_type"
+        if X.size:
+            mark((np.isnan(X) & ~self.nullable).any(axis=1), "missing_value")
+            mark(np.isinf(X).any(axis=1), "not_finite")
+            mark((X < self.low).any(axis=1), "below_range")
+            mark((X > self.high).any(axis=1), "above_range")
+        reject_unknown = self.policy["unknown_category"] == "reject"
+        for spec, allowed in zip(self.categorical, self.categories, strict=True):
+            expected = (bool, np.bool_) if spec["type"] == "boolean" else str
+            for row, value in enumerate(frame[spec["name"]].to_numpy()):
+                if problems[row] is not None:
+                    continue
+                value = _scalar(value)
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    if not spec["nullable"]:
+                        problems[row] = "missing_value"
+                elif not isinstance(value, expected) or (
+                    expected is str and isinstance(value, bool)
+                ):
+                    problems[row] = "wrong_type"
+                elif reject_unknown and value not in allowed:
+                    problems[row] = "unknown_category"
+        for spec in self.dates:
+            values = frame[spec["name"]].to_numpy()
+            try:
+                _check_datetime(values, spec)
+            except Rejected:  # some row is refused: find each (the column check stops at one)
+                for row in np.flatnonzero(_unmarked(problems)):
+                    try:
+                        _check_datetime(values[row : row + 1], spec)
+                    except Rejected as refused:
+                        problems[row] = refused.body["problem"]
+        return problems
+
     def count(self, what: str) -> int:
         with self._lock:
             self.counts[what] += 1
@@ -432,6 +515,10 @@ def _widened(lo: float | None, hi: float | None, tolerance: float) -> tuple[floa
         return -np.inf, np.inf
     margin = tolerance * ((hi - lo) or max(abs(hi), 1.0))
     return lo - margin, hi + margin
+
+
+def _unmarked(problems: np.ndarray) -> np.ndarray:
+    return np.fromiter((p is None for p in problems), dtype=bool, count=len(problems))
 
 
 def _first(mask: np.ndarray) -> tuple[int, int]:
@@ -628,6 +715,8 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
 
     def _predict(self, model_input, note):
         frame = _as_frame(model_input)
+        if self.policy["on_invalid"] == "mark":
+            return self._predict_marked(frame)
         numeric, categorical, flagged = self.guard.check(frame)
         if flagged:
             total = self.guard.count("unknown_category")
@@ -649,6 +738,83 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
                 note.problems = note.problems if note.problems is not None else _no_problems(frame)
                 note.problems[flagged] = "unknown_category"
         return answer
+
+    def _predict_marked(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``on_invalid: mark``: every row answered; a refused one null, with its problem.
+
+        The accepted rows go through the same check and scoring as a request; an
+        abnormal output marks its row as the online path would refuse it.
+        """
+        problems = self.guard.problems(frame)
+        accepted = np.flatnonzero(_unmarked(problems))
+        predictions = None
+        if len(accepted):
+            rows = frame.iloc[accepted]
+            numeric, categorical, _ = self.guard.check(rows)
+            scores = self._scores(numeric, categorical, rows)
+            predictions, output_problems = (
+                self._marked_classes(scores) if self.classify else self._marked_values(scores)
+            )
+            problems[accepted] = output_problems
+        refused = len(frame) - int(_unmarked(problems).sum())
+        if refused:
+            total = self.guard.count("marked")
+            logger.warning(
+                "stageflow guard: marked %d of %d rows refused; %d batches so far",
+                refused,
+                len(frame),
+                total,
+            )
+        return pd.DataFrame(
+            {
+                PREDICTION: self._nullable(predictions, accepted, problems, len(frame)),
+                GUARD_PROBLEM: pd.array(problems, dtype="string"),
+            },
+            index=frame.index,
+        )
+
+    def _marked_classes(self, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        problems = np.full(len(proba), None, dtype=object)
+        finite = np.isfinite(proba).all(axis=1)
+        problems[~finite] = "not_finite"
+        safe = np.where(finite[:, None], proba, 0.0)
+        invalid = finite & (
+            (np.abs(safe.sum(axis=1) - 1.0) > PROBABILITY_TOLERANCE) | (safe < 0).any(axis=1)
+        )
+        problems[invalid] = "invalid_probabilities"
+        return self.estimator.classes_[safe.argmax(axis=1)], problems
+
+    def _marked_values(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values = np.asarray(values, dtype=float)
+        problems = np.full(len(values), None, dtype=object)
+        finite = np.isfinite(values)
+        problems[~finite] = "not_finite"
+        outside = finite & ((values < self.low) | (values > self.high))
+        if self.policy["abnormal_output"] == "clip":
+            values = np.where(outside, np.clip(values, self.low, self.high), values)
+        else:
+            problems[outside] = "out_of_range"
+        return values, problems
+
+    def _nullable(self, predictions, accepted, problems, rows: int):
+        """The prediction column with a null wherever ``problems`` names one."""
+        keep = _unmarked(problems)
+        if not self.classify:
+            out = np.full(rows, np.nan)
+            if predictions is not None:
+                out[accepted] = predictions
+            out[~keep] = np.nan
+            return out
+        classes = self.estimator.classes_
+        if classes.dtype.kind in "iub":
+            dtype = "boolean" if classes.dtype.kind == "b" else "Int64"
+            out = pd.array(np.zeros(rows, dtype=classes.dtype), dtype=dtype)
+        else:
+            out = pd.array(np.full(rows, None, dtype=object), dtype="string")
+        if predictions is not None:
+            out[accepted] = predictions if classes.dtype.kind in "iub" else predictions.astype(str)
+        out[~keep] = pd.NA
+        return out
 
     def predict_pipeline(self, frame: pd.DataFrame) -> np.ndarray:
         """The pipeline's own answer on ``frame`` (no guard, no fast path): the reference."""
