@@ -34,6 +34,7 @@ from mlflow.environment_variables import MLFLOW_RUN_ID
 from registry import ledger
 from registry._stages import PRODUCTION, STAGING, current_version
 from registry.policy import TASK_METRICS, Policy
+from stageflow import tracking
 from stageflow.catalog import CLASSIFICATION, PRIMARY_METRIC, TEST_SPLIT_ARTIFACT
 from stageflow.contract import input_columns
 
@@ -284,7 +285,8 @@ def beats_champion(ctx: GateContext) -> CheckResult:
         return CheckResult(
             name, False, f"version {ctx.version.version} was not trained by Stageflow (no task)"
         )
-    target = run.data.params.get(TARGET_PARAM)
+    # Read back unquoted: under `mlflow run` the runner's record of it is shell-quoted.
+    target = tracking.plain_params(run).get(TARGET_PARAM)
     try:
         frame = _test_split(run.info.run_id)
     except Exception as exc:  # noqa: BLE001
