@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stageflow-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test unit lint format bench bench-tuning bench-serving bench-deps ui-deps clean
+.PHONY: demo test test-loaded unit lint format bench bench-tuning bench-serving bench-deps ui-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,21 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/stageflow demo
 
 # Most tests wait on servers starting and switching; two processes keep both cores busy.
+# Tests go out slowest first (tests/conftest.py, SLOWEST_FIRST), one at a time to
+# whichever worker is free; tests marked xdist_group share a server on one worker.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) \
+		--dist loadgroup --no-loadscope-reorder
+
+# `make test` with one CPU-bound process busy beside it, as on a laptop doing other work.
+# The load stops when the tests end, fail or are interrupted.
+test-loaded: $(STAMP)
+	@$(PYTHON) -c 'while True: pass' & load=$$!; \
+	trap 'kill $$load 2>/dev/null' EXIT; trap 'exit 130' INT TERM; \
+	echo "test-loaded: a CPU-bound process (pid $$load) is busy on one core"; \
+	$(MAKE) --no-print-directory test
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

@@ -9,7 +9,10 @@ folder, trains one model version, and serves it three ways at once:
 - ``noop``: ``mlflow models serve`` of a pyfunc that answers 0 and does nothing
   (``benchmarks/_noop_model.py``): the floor the server itself sets;
 - ``stageflow``: ``stageflow serve``'s front door (Caddy) in front of the guarded
-  model (data contract checks on) with its default replicas.
+  model (data contract checks on) with its default replicas, inference log on
+  (``--inference-log all``, the default);
+- ``stageflow-nolog``: the same with ``--inference-log off``: the log's cost is the
+  ratio of these two, measured in the same run.
 
 Each is loaded with ``wrk`` (keep-alive connections, as real clients hold them) at
 each connection count and request size, one after the other while the others idle;
@@ -21,6 +24,7 @@ Figures go to ``benchmarks/results/serving-*.json`` (ignored by git).
 Usage:
     .venv/bin/python benchmarks/serving_throughput.py [--seconds 10]
         [--connections 1,8,16] [--rows 1,100] [--family lr] [--replicas N]
+        [--targets stageflow,stageflow-nolog]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,7 +62,8 @@ from stageflow import processes, server  # noqa: E402
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DATA, TARGET = "builtin:breast_cancer", "target"
 THROUGHPUT_GOAL, LATENCY_GOAL, SWITCH_GOAL_S = 5.0, 1.5, 2.0
-TARGETS = ("stock", "noop", "stageflow")
+TARGETS = ("stock", "noop", "stageflow", "stageflow-nolog")
+LOG_COST_GOAL = 0.9  # throughput with the inference log on ÷ off, at 8 connections
 START_TIMEOUT_S = 180.0
 LUA = """\
 wrk.method = "POST"
@@ -75,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,100", help="rows per request (default 1,100)")
     parser.add_argument("--family", default="lr", help="model family (default lr)")
     parser.add_argument("--replicas", type=int, default=None, help="stageflow serve replicas")
+    parser.add_argument(
+        "--targets", default=",".join(TARGETS), help=f"which to load (default {','.join(TARGETS)})"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat each measurement, alternating the targets' order (default 1); ratios "
+        "are the median of the rounds' ratios, so a busy moment hits both sides",
+    )
     parser.add_argument("--skip-switch", action="store_true", help="no switch measurement")
     parser.add_argument(
         "--skip-throughput", action="store_true", help="only the switch measurement"
@@ -91,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     connections = [int(c) for c in args.connections.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
+    targets = [t for t in TARGETS if t in args.targets.split(",")]
 
     machine_before = machine()  # the load average before this run adds its own
     started: list[subprocess.Popen] = []
     serve: BackgroundServe | None = None
+    unlogged: BackgroundServe | None = None
     with tempfile.TemporaryDirectory(prefix="stageflow-bench-") as tmp:
         home = Path(tmp)
         info = server.start(port=processes.free_port(), home=home, tie_to_parent=True)
@@ -126,6 +144,18 @@ def main(argv: list[str] | None = None) -> int:
             ).start()
             serve.wait_serving(timeout=START_TIMEOUT_S)
             urls["stageflow"] = serve.url
+            if "stageflow-nolog" in targets:
+                unlogged = BackgroundServe(
+                    name,
+                    processes.free_port(),
+                    tracking_uri=info.uri,
+                    home=home / "nolog",
+                    poll_interval=0.5,
+                    model_config={"inference_log": {"mode": "off"}},
+                    **kwargs,
+                ).start()
+                unlogged.wait_serving(timeout=START_TIMEOUT_S)
+                urls["stageflow-nolog"] = unlogged.url
             for target in ("stock", "noop"):
                 wait_ready(urls[target])
 
@@ -141,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             results = (
                 []
                 if args.skip_throughput
-                else measure(urls, bodies, connections, args.seconds, home)
+                else measure(urls, bodies, connections, args.seconds, home, targets, args.rounds)
             )
             switch = (
                 {}
@@ -149,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 else measure_switch(serve, client, name, [v1, v2, v3], bodies, args.switch_rate)
             )
         finally:
+            if unlogged is not None:
+                unlogged.stop()
             if serve is not None:
                 serve.stop()
             for proc in started:
@@ -221,13 +253,21 @@ def wait_ready(url: str) -> None:
     )
 
 
-def measure(urls: dict, bodies: dict, connections: list[int], seconds: int, home: Path) -> list:
+def measure(
+    urls: dict,
+    bodies: dict,
+    connections: list[int],
+    seconds: int,
+    home: Path,
+    targets: list,
+    rounds: int = 1,
+) -> list:
     results = []
     for n, body in bodies.items():
         script = home / f"post-{n}.lua"
         script.write_text(LUA.replace("{body}", str(body)))
-        for conns in connections:
-            for target in TARGETS:
+        for conns, round_ in ((c, r) for c in connections for r in range(rounds)):
+            for target in targets if round_ % 2 == 0 else targets[::-1]:
                 url = urls[target] + "/invocations"
                 check = requests.post(
                     url, data=body.read_bytes(), headers={"Content-Type": "application/json"}
@@ -236,7 +276,7 @@ def measure(urls: dict, bodies: dict, connections: list[int], seconds: int, home
                     raise SystemExit(f"{target} answered {check.status_code}: {check.text[:300]}")
                 wrk(url, script, conns, 1)  # warm-up
                 figures = wrk(url, script, conns, seconds)
-                figures.update(target=target, rows=n, connections=conns)
+                figures.update(target=target, rows=n, connections=conns, round=round_)
                 results.append(figures)
                 print(
                     f"{target:10} rows={n:<4} conns={conns:<3} {figures['rps']:9.1f} req/s  "
@@ -381,6 +421,19 @@ def print_table(results: list, connections: list[int], rows: list[int]) -> None:
         )
 
 
+def log_ratios(results: list, rows: int, conns: int) -> list[float]:
+    """Per round, stageflow's throughput with the inference log on ÷ off."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in results:
+        if r["rows"] == rows and r["connections"] == conns:
+            by_round.setdefault(r.get("round", 0), {})[r["target"]] = r["rps"]
+    return [
+        pair["stageflow"] / pair["stageflow-nolog"]
+        for _, pair in sorted(by_round.items())
+        if "stageflow" in pair and pair.get("stageflow-nolog")
+    ]
+
+
 def print_ratios(results: list, connections: list[int], switch: dict) -> None:
     def get(target, rows, conns):
         return next(
@@ -394,13 +447,22 @@ def print_ratios(results: list, connections: list[int], switch: dict) -> None:
 
     print()
     for conns in connections:
-        stock, noop, ours = (get(t, 1, conns) for t in TARGETS)
+        stock, noop, ours, unlogged = (get(t, 1, conns) for t in TARGETS)
         if ours and stock and noop:
             print(
                 f"single row, {conns} conns: stageflow/stock throughput "
                 f"{ours['rps'] / stock['rps']:.2f}×, stageflow/noop p50 "
                 f"{ours['p50_ms'] / noop['p50_ms']:.2f}×"
             )
+    for conns in connections:
+        for n in sorted({r["rows"] for r in results}):
+            ratios = log_ratios(results, n, conns)
+            if ratios:
+                print(
+                    f"{n} row(s), {conns} conns: inference log on/off throughput "
+                    f"{statistics.median(ratios):.2f}× (median of {len(ratios)} round(s): "
+                    f"{', '.join(f'{r:.2f}' for r in ratios)}; goal ≥{LOG_COST_GOAL}× at 8 conns)"
+                )
     print(f"goals: ≥{THROUGHPUT_GOAL}× stock at 8 conns; p50 ≤{LATENCY_GOAL}× noop at 1 conn")
     if switch:
         print(

@@ -7,7 +7,6 @@ logging): a spawned interpreter's imports are most of a worker's start-up time.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import multiprocessing
 import os
@@ -21,8 +20,9 @@ from dataclasses import dataclass
 import optuna
 from threadpoolctl import threadpool_limits
 
-from experiments import _study, data
+from experiments import _shield, _study, data
 from experiments._objective import CrossValidation, FoldScores
+from experiments._progress import TuneProgress
 from experiments._trial_runs import COMPLETE, FAIL, INTERRUPTED, PRUNED, TrialRuns
 from stageflow import processes
 
@@ -211,7 +211,7 @@ def run_workers(
     if own_pool:
         pool = WorkerPool(min(workers, n_trials) - 1)
     budget = pool.budget if pool else TrialBudget(n_trials)
-    bar = Progress(job, n_trials) if progress else None
+    bar = TuneProgress(job.storage_uri, job.study_name, job.metric, n_trials) if progress else None
     try:
         if pool:
             pool.run(job, n_trials, timeout)
@@ -222,7 +222,7 @@ def run_workers(
             pool.wait()
     except KeyboardInterrupt:
         if pool:
-            with ignoring_sigint():
+            with _shield.ignoring_sigint():
                 pool.stop()
         raise
     finally:
@@ -276,8 +276,8 @@ def run_trials(
         opened = runs.started(trial.number) if runs else None
         state, error = FAIL, ""
         try:
-            with _interruptible():
-                value = objective(_ShieldedTrial(trial), scores)
+            with _shield.interruptible():
+                value = objective(_shield.ShieldedTrial(trial), scores)
             state = COMPLETE
             return value
         except optuna.TrialPruned:
@@ -298,15 +298,15 @@ def run_trials(
         budget = TrialBudget(budget)
     deadline = time.monotonic() + timeout if timeout else None
     try:
-        with warnings.catch_warnings(), _deferred_interrupts(), trial_threads(job.threads):
+        with warnings.catch_warnings(), _shield.deferred_interrupts(), trial_threads(job.threads):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             while (
-                not _INTERRUPT.requested
+                not _shield.STATE.requested
                 and (deadline is None or time.monotonic() < deadline)
                 and budget.claim()
             ):
                 study.optimize(traced, n_trials=1, catch=(Exception,))
-        if _INTERRUPT.requested:
+        if _shield.STATE.requested:
             raise KeyboardInterrupt
     finally:
         if runs:
@@ -329,7 +329,7 @@ def _worker_process(conn, worker: int, budget: TrialBudget) -> None:
     """Entry point of a spawned worker: dies with its parent, stops cleanly on SIGINT/SIGTERM."""
     processes._die_with_parent()  # noqa: SLF001 - the same guarantee every child of ours has
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt_once)
+        signal.signal(sig, _shield.interrupt_once)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
         try:
@@ -342,175 +342,3 @@ def _worker_process(conn, worker: int, budget: TrialBudget) -> None:
         run_trials(job, worker, budget, timeout=timeout)
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-class _Interrupt:
-    """Where a Ctrl-C may land: inside a trial's objective, or nowhere until the trial ends.
-
-    Optuna records a trial interrupted inside its objective as FAIL, but an interrupt
-    that lands in its own bookkeeping (creating the trial, telling its result) leaves
-    the trial RUNNING in the study for ever. So outside the objective a Ctrl-C only
-    asks the worker to stop before its next trial.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.inside_objective = False
-
-
-_INTERRUPT = _Interrupt()
-
-
-def _interrupt_once(signum, frame):
-    """The first SIGINT/SIGTERM stops the worker; later ones must not cut the cleanup."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    _INTERRUPT.requested = True
-    if _INTERRUPT.inside_objective:
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _interruptible():
-    """The objective is where a Ctrl-C may interrupt at once."""
-    _INTERRUPT.inside_objective = True
-    try:
-        if _INTERRUPT.requested:
-            raise KeyboardInterrupt
-        yield
-    finally:
-        _INTERRUPT.inside_objective = False
-
-
-@contextlib.contextmanager
-def _uninterruptible():
-    """Inside the objective, a call that writes to the study's storage finishes first.
-
-    An interrupt that lands inside a storage write can leave the database session in a
-    state where Optuna can no longer tell the trial's result, and the trial stays
-    RUNNING; so the interrupt waits for the write and is raised right after it.
-    """
-    _INTERRUPT.inside_objective = False
-    try:
-        yield
-    finally:
-        _INTERRUPT.inside_objective = True
-    if _INTERRUPT.requested:
-        raise KeyboardInterrupt
-
-
-class _ShieldedTrial:
-    """The trial as the objective sees it: each of its calls (suggest and report write
-    to the storage, should_prune reads it) runs :func:`_uninterruptible`."""
-
-    def __init__(self, trial: optuna.Trial):
-        self._trial = trial
-
-    def __getattr__(self, name):
-        value = getattr(self._trial, name)
-        if not callable(value):
-            return value
-
-        @functools.wraps(value)
-        def shielded(*args, **kwargs):
-            with _uninterruptible():
-                return value(*args, **kwargs)
-
-        return shielded
-
-
-@contextlib.contextmanager
-def _deferred_interrupts():
-    """Route SIGINT/SIGTERM through :func:`_interrupt_once` while trials run (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _interrupt_once) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def ignoring_sigint():
-    """While cleaning up after Ctrl-C, a second Ctrl-C must not leave runs open."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class Progress:
-    """A one-line progress bar on stderr: trials done, pruned, failed, best so far.
-
-    It reads the study from the storage, so it counts every worker's trials.
-    """
-
-    WIDTH = 24
-
-    def __init__(self, job: StudyJob, n_trials: int, interval: float = 0.5):
-        self.job, self.n_trials, self.interval = job, n_trials, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tune-progress", daemon=True)
-        self._tty = sys.stderr.isatty()
-        self._last = ""
-
-    def start(self) -> None:
-        storage = _study.open_storage(self.job.storage_uri, heartbeat=False)
-        self._study = optuna.load_study(study_name=self.job.study_name, storage=storage)
-        self._baseline = self._finished_numbers()
-        self._started = time.monotonic()
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-            with contextlib.suppress(Exception):
-                self._draw()
-            sys.stderr.write("\n" if self._tty else "")
-            sys.stderr.flush()
-
-    def _finished_numbers(self) -> set[int]:
-        return {t.number for t in self._study.get_trials(deepcopy=False) if t.state.is_finished()}
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            with contextlib.suppress(Exception):  # a busy storage only delays the bar
-                self._draw()
-
-    def _draw(self) -> None:
-        trials = [
-            t
-            for t in self._study.get_trials(deepcopy=False)
-            if t.state.is_finished() and t.number not in self._baseline
-        ]
-        states = optuna.trial.TrialState
-        done = len(trials)
-        pruned = sum(t.state == states.PRUNED for t in trials)
-        failed = sum(t.state == states.FAIL for t in trials)
-        try:
-            best = self._study.best_trial
-            best_text = f"best {self.job.metric} {best.value:.4f} (trial {best.number})"
-        except ValueError:
-            best_text = "no trial complete yet"
-        filled = int(self.WIDTH * min(done, self.n_trials) / self.n_trials)
-        line = (
-            f"tune [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{self.n_trials} trials"
-            f" · {pruned} pruned · {failed} failed · {best_text}"
-            f" · {time.monotonic() - self._started:.0f}s"
-        )
-        if self._tty:
-            sys.stderr.write("\r" + line)
-        elif line.split(" · ")[:4] != self._last.split(" · ")[:4]:
-            sys.stderr.write(line + "\n")  # in a log file: one line per change, not per tick
-        else:
-            return
-        self._last = line
-        sys.stderr.flush()

@@ -29,13 +29,13 @@ from mlflow.entities import RunStatus
 
 from experiments import _study, artifacts, data, data_check, families
 from experiments._objective import FAMILY_PARAM, choose_metric, estimator_params
+from experiments._shield import ignoring_sigint
 from experiments._trial_runs import STUDY_TAG
 from experiments._tuning_plots import figures, trials_frame
 from experiments._workers import (  # noqa: F401 - run_trials and prepare: the benchmark's doors
     PRUNER_STARTUP_TRIALS,
     StudyJob,
     WorkerPool,
-    ignoring_sigint,
     prepare,
     run_trials,
     run_workers,

@@ -129,10 +129,10 @@ def acquire(
                 _cleanup(client, model, below=candidate)
                 logger.debug("holding %s", lease.name)
                 return lease
-        elif time.monotonic() > deadline:
+        if time.monotonic() > deadline:
             raise LockTimeout(
-                f"the registry lock of {model} is held by {holder}; waited {wait_seconds:.0f}s. "
-                "Retry later, or see `stageflow status`"
+                f"the registry lock of {model} is held by {holder or 'another promoter'}; "
+                f"waited {wait_seconds:.0f}s. Retry later, or see `stageflow status`"
             )
         time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 1.0)
@@ -164,7 +164,14 @@ def _try_create(client, model, generation, token, owner) -> Lease | None:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         # Someone else won this generation -- unless a retried request of ours did.
-        if (_read(client, name) or {}).get("token") != token:
+        record = _read(client, name)
+        if record is None and not _visible(client, name):
+            raise StageflowError(
+                f"the registry lock {name} exists but this user cannot see it, so promotions "
+                f"of {model} cannot take turns; on a server with --auth every promoter needs "
+                f"`stageflow server user add USER --role promoter --model {model}`"
+            ) from None
+        if (record or {}).get("token") != token:
             return None
     higher = [g for g, _ in _generations(client, model) if g > generation]
     if higher:  # we acted on a stale read: our generation is not the top
@@ -229,6 +236,15 @@ def _read(client: MlflowClient, name: str) -> dict | None:
     except MlflowException:
         return None
     return {k.removeprefix(f"{TAG}."): v for k, v in tags.items() if k.startswith(TAG)}
+
+
+def _visible(client: MlflowClient, name: str) -> bool:
+    """Whether this user can read the registered model ``name`` (auth may hide it)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        return exc.error_code not in ("PERMISSION_DENIED", "UNAUTHENTICATED")
+    return True
 
 
 def _cleanup(client: MlflowClient, model: str, below: int) -> None:

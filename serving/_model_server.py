@@ -20,6 +20,7 @@ from mlflow.models.utils import SERVING_INPUT_PATH, load_serving_example
 # load_model as model_config; imported, so a rename in MLflow fails loudly here.
 from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
 
+from serving._hold_answers import PROTOCOL
 from serving._slots import Replica, Slot
 from stageflow import processes
 from stageflow.errors import StageflowError
@@ -27,6 +28,9 @@ from stageflow.errors import StageflowError
 logger = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Model-Version"
+# The proof request is the controller's own, not traffic: the inference log skips it.
+PROBE_HEADER = "X-Stageflow-Probe"
+INFERENCE_LOG = "inference_log"
 START_TIMEOUT_S = 120.0
 EXAMPLE_TIMEOUT_S = 60.0
 PING_TIMEOUT_S = 1.0
@@ -68,7 +72,10 @@ def environment(
 
     ``mlflow models serve`` starts ``uvicorn`` from PATH and hands it its
     environment; uvicorn reads ``UVICORN_*`` variables as options, so
-    ``UVICORN_HEADERS`` adds the header to every response of that server.
+    ``UVICORN_HEADERS`` adds the header to every response of that server, and
+    ``UVICORN_HTTP`` makes it write each answer in one piece, so a replica killed
+    mid-answer sends nothing and the front door retries on a sibling
+    (``serving/_hold_answers.py``).
     ``model_config`` reaches the pyfunc's ``load_model`` through MLflow's
     ``SERVING_MODEL_CONFIG``.
     """
@@ -76,6 +83,7 @@ def environment(
         "MLFLOW_TRACKING_URI": tracking_uri,
         "MLFLOW_REGISTRY_URI": tracking_uri,
         "UVICORN_HEADERS": f"{VERSION_HEADER}:{version}",
+        "UVICORN_HTTP": PROTOCOL,
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         **SINGLE_THREADED,
     }
@@ -95,6 +103,11 @@ def start(
     """Start ``version``'s server as ``replica``, not ready until proved; the replica records it."""
     replica.log_path, replica.ready = log_path, False
     replica.started_at = time.monotonic()
+    if model_config and model_config.get(INFERENCE_LOG) is not None:
+        # Each replica logs under the version it serves (so a rollback's rows land
+        # under the version that answered them), to the tracking server it loads from.
+        log = {"tracking_uri": tracking_uri, **model_config[INFERENCE_LOG]}
+        model_config = {**model_config, INFERENCE_LOG: {**log, "model": name, "version": version}}
     replica.proc = processes.spawn(
         command(name, version, replica),
         log_path=log_path,
@@ -128,7 +141,7 @@ def prove_ready(replica: Replica, version: str, example: str | None) -> bool:
             answer = requests.post(
                 replica.url + "/invocations",
                 data=example.encode(),
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", PROBE_HEADER: "1"},
                 timeout=EXAMPLE_TIMEOUT_S,
             )
         except requests.RequestException as exc:

@@ -52,6 +52,8 @@ class Replica:
     started_at: float = 0.0
     # After a failed restart, the next attempt waits until then (time.monotonic()).
     retry_at: float = 0.0
+    # Why its last proof step failed, until the controller acts on it.
+    failure: str | None = None
     _probed: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _last_probe: tuple[float, bool] = (0.0, False)
 
@@ -71,7 +73,7 @@ class Replica:
         return self.proc.returncode if self.proc is not None else None
 
     def clear(self) -> None:
-        self.proc, self.log_path, self.ready = None, None, False
+        self.proc, self.log_path, self.ready, self.failure = None, None, False, None
         self.started_at = self.retry_at = 0.0
 
     def record_probe(self, answer: bool) -> None:
@@ -106,6 +108,10 @@ class Slot:
     example: str | None = None
     started_at: float = 0.0
     unrouted_at: float = 0.0
+    # Why starting the version failed, and the log that tells more, until the
+    # controller gives it up (see serving._planner.GiveUp).
+    failure: str | None = None
+    failure_log: Path | None = None
 
     @property
     def where(self) -> str:
@@ -137,7 +143,7 @@ class Slot:
 
     def clear(self) -> None:
         self.version, self.role, self.routed, self.proved = None, "", False, False
-        self.example = None
+        self.example, self.failure, self.failure_log = None, None, None
         self.started_at = self.unrouted_at = 0.0
         for replica in self.replicas:
             replica.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -20,8 +21,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
+from tqdm import tqdm
 
 from registry import PRODUCTION, current_version, require_model
+from serving.inference_log import BATCH, InferenceLog
 from stageflow import tracking
 from stageflow.contract import input_columns
 from stageflow.errors import StageflowError, UsageError
@@ -61,12 +64,16 @@ def score(
     tracking_uri: str | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     model_config: dict | None = None,
+    progress: bool = False,
 ) -> ScoreResult:
     """Score ``input_path`` with the Production version of ``model`` into ``output_path``.
 
     The output holds the input's columns, a ``prediction`` column and the
     ``model_version`` that made it; a run in the ``stageflow-batch`` experiment
     records rows, seconds, version and the input's digest.
+
+    Args:
+        progress: draw a progress bar of the rows scored on stderr.
 
     Raises:
         UsageError: bad paths or suffixes, or input columns the model needs are missing.
@@ -97,10 +104,21 @@ def score(
     columns = list(spec) if spec is not None else None
     dtypes = {c: CSV_DTYPES[kind] for c, (kind, _) in (spec or {}).items() if kind in CSV_DTYPES}
 
+    # The run exists before scoring, so the inference log's batch rows carry its id.
+    run_id = os.environ.get("MLFLOW_RUN_ID") or _create_run(client, model, version)
+    log = _inference_log(pyfunc, model, version, client.tracking_uri)
     started = time.perf_counter()
     rows = 0
     partial = output_path.with_name(f".{output_path.name}.partial")
     writer = _Writer(partial)
+    bar = tqdm(
+        total=_row_count(input_path),  # None for CSV: rows and rate, without a total
+        desc=f"score {model} v{version}",
+        unit="rows",
+        unit_scale=True,
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
         for chunk in _chunks(input_path, chunk_rows, dtypes):
             if rows == 0 and columns:
@@ -121,21 +139,31 @@ def score(
             out[PREDICTION_COLUMN] = _one_column(predictions)
             out[VERSION_COLUMN] = int(version)
             writer.write(out)
+            if log is not None:
+                log.record_frame(features, out[PREDICTION_COLUMN], run_id, first_row=rows)
             rows += len(chunk)
+            bar.update(len(chunk))
             logger.info("scored %d rows", rows)
         if rows == 0:
             raise UsageError(f"{input_path} has no rows to score")
         writer.close()
         os.replace(partial, output_path)
+    except BaseException:
+        if run_id != os.environ.get("MLFLOW_RUN_ID"):
+            client.set_terminated(run_id, "FAILED")
+        raise
     finally:
+        bar.close()
         writer.close()
         partial.unlink(missing_ok=True)
+        if log is not None:
+            log.close(timeout=60)
     seconds = time.perf_counter() - started
     digest = file_digest(input_path)
 
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(BATCH_EXPERIMENT)
-    with mlflow.start_run(run_name=f"score-{model}-v{version}") as run:
+    if run_id != os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(BATCH_EXPERIMENT)  # the experiment the run was created in
+    with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags({"stageflow.kind": "batch", "stageflow.model_name": model})
         tracking.log_params(
             {
@@ -159,6 +187,37 @@ def score(
         input_digest=digest,
         run_id=run.info.run_id,
     )
+
+
+def _create_run(client, model: str, version: str) -> str:
+    experiment = client.get_experiment_by_name(BATCH_EXPERIMENT)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(BATCH_EXPERIMENT)
+    )
+    return client.create_run(experiment_id, run_name=f"score-{model}-v{version}").info.run_id
+
+
+def _inference_log(pyfunc, model: str, version: str, tracking_uri: str):
+    """The version's inference log for ``batch`` rows, or None for a model without a guard."""
+    try:
+        guarded = pyfunc.unwrap_python_model()
+    except MlflowException:  # not a python model (the plain scikit-learn flavor)
+        return None
+    if getattr(guarded, "guard", None) is None:
+        return None
+    return InferenceLog.for_model(
+        pyfunc, model, version, source=BATCH, tracking_uri=tracking_uri
+    ).start()
+
+
+def _row_count(path: Path) -> int | None:
+    """The input's rows when the file says so without reading it (Parquet's footer)."""
+    if path.suffix.lower() != ".parquet":
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (ValueError, OSError, pa.ArrowException):
+        return None  # reading it fails in _chunks, with the one-line error
 
 
 def _chunks(path: Path, chunk_rows: int, dtypes: dict[str, str]) -> Iterator[pd.DataFrame]:

@@ -6,32 +6,29 @@ N single-worker ``mlflow models serve`` processes, each on its own loopback
 address, among which the front door balances (see :mod:`serving._slots`).
 Each runs its math libraries on one thread (replicas give the parallelism)
 and loads the model with the ``model_config`` given to :func:`serve`.
-It polls the registry and brings what runs in line with what it reads:
 
-- **Production changed** (promotion or rollback): unless the new version is
-  already warm (the rollback standby, or the Staging version warmed ahead of
-  its promotion), start it on a free slot and prove that every replica answers
-  ``/ping`` and the version's own input example. Only then switch:
+It polls the registry and brings what runs in line with what it reads. Each
+poll is observe → plan → execute:
 
-  1. route the new slot, and wait until the front door has probed its replicas healthy;
-  2. unroute the old slot, and wait until the front door has probed them unhealthy;
-  3. keep the old version running, unrouted, as the rollback standby (requests
-     already sent to it finish there);
-  4. stop the standby it replaces (SIGTERM: uvicorn finishes what is in flight),
-     once that has been unrouted for at least ``SwitchPolicy.drain``.
-
-- **Staging holds a version** that is not already running: start it on a free
-  slot and prove it, unrouted, so that promoting it is only a front-door switch.
-  When Staging moves on, that warm server stops (unless it serves by then or is
-  the rollback standby).
-
-- **A replica died**: restart it while its siblings serve. The front door stops
-  sending it requests within one health interval, retries on a sibling a
-  request it dropped, and sends it requests again once it has proved itself.
+- **observe**: read the registry's Production and Staging versions (or note
+  that the tracking server is away), and take every starting replica one step
+  of its proof (``/ping``, then the version's own input example;
+  :class:`serving._supervisor.Supervisor`);
+- **plan**: :func:`serving._planner.plan` turns that, and the clock, into
+  actions — start a version as Production or Staging, switch to a proved one,
+  stop one no longer needed, give up a failed start and retry it later,
+  restart a replica. The rules (warm standby of the previous Production,
+  Staging warmed ahead of its promotion, a cold version switched to once one
+  replica proved itself, a failed start never routed and retried every
+  ``SwitchPolicy.retry_after``, a dead replica restarted, the last known
+  Production kept while the registry is away) are written down there;
+- **execute**: :class:`serving._effects.Effects` carries the actions out: it
+  starts processes, routes and unroutes slots by their health answer (a switch
+  waits until the front door has probed the change), and stops servers with
+  SIGTERM so uvicorn finishes what is in flight.
 
 Starting servers never blocks the loop: each poll takes a starting replica one
-step further (see :func:`serving._model_server.prove_ready`), so a rollback is
-not held up by a version warming beside it.
+step further, so a rollback is not held up by a version warming beside it.
 
 At every moment some replica is healthy, so no request is dropped; a request
 that arrives while none is (nothing promoted yet) waits up to
@@ -45,27 +42,27 @@ import logging
 import os
 import re
 import signal
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 
 import registry
-from serving import _model_server
+from serving import _planner, inference_log
+from serving._effects import Effects
 from serving._model_server import VERSION_HEADER
+from serving._planner import ReplicaState, SlotState, SwitchPolicy
 from serving._slots import HealthServer, Replica, Slot, make_slots
+from serving._supervisor import LOG_TAIL_LINES, Supervisor, indent
 from serving.frontdoor import FrontDoor, FrontDoorTimings
 from stageflow import processes, tracking
 from stageflow.errors import StageflowError, UsageError
 
 logger = logging.getLogger(__name__)
 
-LOG_TAIL_LINES = 8
 # Replicas by default: one per CPU core, since each prediction runs on one thread
 # (OMP_NUM_THREADS=1); no more than this, since every replica holds its own copy
 # of the model for each live version (serving, rollback standby, warm Staging).
@@ -80,23 +77,6 @@ __all__ = [
     "default_replicas",
     "serve",
 ]
-
-
-@dataclass(frozen=True)
-class SwitchPolicy:
-    """How the controller paces itself.
-
-    Attributes:
-        probe_wait: longest wait for the front door to probe a slot's replicas
-            after their answer changed (a few health intervals).
-        drain: time left for requests already sent to an unrouted slot before it stops.
-        retry_after: after a version (or a replica's restart) failed to start,
-            wait this long before trying again.
-    """
-
-    probe_wait: float = 5.0
-    drain: float = 1.0
-    retry_after: float = 30.0
 
 
 def default_replicas() -> int:
@@ -151,7 +131,13 @@ def serve(
 
 
 class Controller:
-    """The state behind :func:`serve`: slots, front door, and what is routed where."""
+    """The loop behind :func:`serve`: observe the registry and the slots, plan, carry out.
+
+    What it decides is :func:`serving._planner.plan`'s; what it does is
+    :class:`serving._effects.Effects`' and :class:`serving._supervisor.Supervisor`'s.
+    It owns the front door, the slots and their health server, and answers what
+    serves: :attr:`serving_version`, :attr:`standby_version`, :attr:`staging_version`.
+    """
 
     def __init__(
         self,
@@ -178,26 +164,20 @@ class Controller:
         self.policy = policy
         self.metrics_port = metrics_port
         self.replicas = replicas
-        self.model_config = model_config
+        # Every replica logs what it answers unless the config turns the log off.
+        self.model_config = inference_log.serving_config(model_config, home or tracking.home())
         self.slots: list[Slot] = []
         self.front_door: FrontDoor | None = None
         self.started_pids: list[int] = []
         self.serving = threading.Event()
         self._client: MlflowClient | None = None
         self._health: HealthServer | None = None
-        self._active: Slot | None = None
-        # The previous Production, kept running but unrouted: a rollback to it is a
-        # front-door switch, not a cold start (DESIGN.md, "Serving semantics").
-        self._standby: Slot | None = None
-        # The Staging version, proved and unrouted: its promotion is a switch too.
-        self._warm: Slot | None = None
-        # Live versions the last poll found unneeded (slot → version); see _stop_unneeded.
-        self._unneeded: dict[Slot, str] = {}
-        self._retry_at: dict[str, float] = {}
-        self._failed_starts: dict[str, int] = {}
+        # Made once the slots exist (_start): they carry out the plans.
+        self._effects: Effects | None = None
+        # Live versions the last plan found unneeded (slot → version); see serving._planner.
+        self._unneeded: dict[int, str] = {}
         self._registry_error: str | None = None
         self._said_waiting = False
-        self._said_no_free_slot = False
         self._shutting_down = threading.Event()
 
     @property
@@ -217,17 +197,25 @@ class Controller:
         return found
 
     @property
+    def _active(self) -> Slot | None:
+        """The slot routed as Production."""
+        return self._effects.active if self._effects is not None else None
+
+    @property
     def serving_version(self) -> str | None:
-        return self._active.version if self._active else None
+        active = self._active
+        return active.version if active else None
 
     @property
     def standby_version(self) -> str | None:
-        return self._standby.version if self._standby else None
+        standby = self._effects.standby if self._effects is not None else None
+        return standby.version if standby else None
 
     @property
     def staging_version(self) -> str | None:
         """The Staging version once it is warm (proved, unrouted) for its promotion."""
-        return self._warm.version if self._warm else None
+        warm = self._effects.warm if self._effects is not None else None
+        return warm.version if warm else None
 
     def run(self, stop_event: threading.Event | None = None) -> None:
         """Start, follow the registry until ``stop_event`` (or a signal), then stop everything."""
@@ -250,6 +238,12 @@ class Controller:
         self.uri = tracking.require_server(self.uri)
         self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.slots, health_port = make_slots(self.replicas)
+        supervisor = Supervisor(
+            self.model_name, self.uri, self.directory, self.model_config, self.started_pids
+        )
+        self._effects = Effects(
+            self.model_name, self.url, self.slots, supervisor, self.policy, self.timings
+        )
         self._health = HealthServer(self.slots, health_port)
         self._health.start()
         self.front_door = FrontDoor(
@@ -287,11 +281,10 @@ class Controller:
         # The front door first, so nothing new reaches a model server that is stopping.
         if self.front_door is not None:
             self.front_door.stop()
-        for slot in live:
-            _model_server.stop(slot)
+        if self._effects is not None:
+            self._effects.stop_all()
         if self._health is not None:
             self._health.close()
-        self._active = self._standby = self._warm = None
         if self.front_door is not None or live:
             logger.info("stopped serving %s", self.model_name)
 
@@ -303,25 +296,43 @@ class Controller:
                 "the front door (Caddy) exited with code %s; its log: %s, ending:\n%s",
                 code,
                 door.log_path,
-                _indent(processes.tail(door.log_path, lines=LOG_TAIL_LINES)),
+                indent(processes.tail(door.log_path, lines=LOG_TAIL_LINES)),
             )
             raise StageflowError(
                 f"the front door (Caddy) exited with code {code}; its log: {door.log_path}"
             )
 
-    # -- one poll --------------------------------------------------------------
+    # -- one poll: observe → plan → execute ------------------------------------
 
     def _poll(self, stop: threading.Event) -> None:
+        effects = self._effects
+        assert effects is not None, "_start makes the effects"
         stages = self._read_registry()
-        self._tend()
-        if stages is None:  # the registry is away: keep what runs as it is
-            return
-        production, staging = stages
-        # Stopping first frees slots for what the registry asks to start.
-        self._stop_unneeded(production, staging)
-        if production is not None:
-            self._follow_production(production, stop)
-        self._follow_staging(staging, production)
+        effects.supervisor.prove(self.slots)
+        plan = _planner.plan(self._observe(stages), self.policy)
+        self._unneeded = dict(plan.unneeded)
+        for action in plan.actions:
+            effects.carry_out(action, stop)
+        active = effects.active
+        if active is not None and active.serving():
+            self.serving.set()
+        else:
+            self.serving.clear()
+
+    def _observe(self, stages: tuple[str | None, str | None] | None) -> _planner.State:
+        """What the planner decides on: the registry's stages, the slots, and the clock."""
+        effects = self._effects
+        assert effects is not None, "_start makes the effects"
+        return _planner.State(
+            now=time.monotonic(),
+            registry=None if stages is None else _planner.RegistryState(*stages),
+            slots=tuple(_slot_state(slot) for slot in self.slots),
+            serving=effects.index(effects.active),
+            standby=effects.index(effects.standby),
+            warm=effects.index(effects.warm),
+            unneeded=dict(self._unneeded),
+            retry_at=dict(effects.retry_at),
+        )
 
     def _read_registry(self) -> tuple[str | None, str | None] | None:
         """The registry's (Production, Staging) versions; None if the registry is away."""
@@ -387,362 +398,31 @@ class Controller:
                 self.model_name,
             )
 
-    # -- replicas: prove the starting ones, restart the dead ones -----------------
-
-    def _tend(self) -> None:
-        """Take starting versions one step further, and keep proved ones' replicas running."""
-        for slot in self.slots:
-            if slot.version is None:
-                continue
-            if not slot.proved:
-                self._advance_start(slot)
-                continue
-            for replica in slot.replicas:
-                self._tend_replica(slot, replica)
-        if self._active is not None and self._active.serving():
-            self.serving.set()
-        else:
-            self.serving.clear()
-
-    def _advance_start(self, slot: Slot) -> None:
-        """Take each replica of a starting version one step; the slot is proved once one is.
-
-        A cold version is switched to as soon as one replica answers its example
-        (on two busy cores, waiting for all of them doubled the time to switch);
-        the others join the rotation as each proves itself (see ``_tend_replica``).
-        """
-        for replica in slot.replicas:
-            if replica.ready:
-                continue
-            try:
-                _model_server.prove_ready(replica, str(slot.version), slot.example)
-            except StageflowError as exc:
-                self._give_up_on(slot, exc, replica)
-                return
-        if any(replica.ready for replica in slot.replicas):
-            slot.proved = True
-
-    def _tend_replica(self, slot: Slot, replica: Replica) -> None:
-        """Keep one replica of a proved version running: restart it if it died."""
-        if replica.ready and replica.alive():
-            return
-        if replica.ready:  # it had proved itself, and died since
-            self._report_exit(slot, replica)
-            self._restart(slot, replica)
-        elif replica.proc is None:  # its last restart failed; try again when due
-            if time.monotonic() >= replica.retry_at:
-                self._restart(slot, replica)
-        else:  # restarting: one step of its proof
-            try:
-                if _model_server.prove_ready(replica, str(slot.version), slot.example):
-                    logger.info(
-                        "version %s's replica on %s is ready (started %.1fs ago)%s",
-                        slot.version,
-                        replica.address,
-                        time.monotonic() - replica.started_at,
-                        "; it takes requests again" if slot.routed else "",
-                    )
-            except StageflowError as exc:
-                log_path = replica.log_path
-                _model_server.stop_replica(replica)
-                replica.log_path = log_path  # the next restart appends to the same log
-                replica.retry_at = time.monotonic() + self.policy.retry_after
-                logger.error(
-                    "%s; retrying in %.0fs while %d other replica(s) of version %s run. "
-                    "Its log: %s, ending:\n%s",
-                    exc,
-                    self.policy.retry_after,
-                    sum(r.ready and r.alive() for r in slot.replicas),
-                    slot.version,
-                    log_path,
-                    _indent(processes.tail(log_path, lines=LOG_TAIL_LINES)),
-                )
-
-    def _report_exit(self, slot: Slot, replica: Replica) -> None:
-        if slot is not self._active:
-            meanwhile = f"version {slot.version} is not routed"
-        elif serving := slot.serving():
-            meanwhile = f"{serving} other replica(s) serve meanwhile"
-        else:
-            meanwhile = "nothing is served until one is back"
-        logger.error(
-            "version %s's replica on %s exited with code %s; restarting it (%s). "
-            "Its log: %s, ending:\n%s",
-            slot.version,
-            replica.address,
-            replica.exit_code(),
-            meanwhile,
-            replica.log_path,
-            _indent(processes.tail(replica.log_path, lines=LOG_TAIL_LINES)),
-        )
-
-    def _restart(self, slot: Slot, replica: Replica) -> None:
-        version = str(slot.version)
-        log_path = replica.log_path or self._log_path(version, replica)
-        _model_server.stop_replica(replica)  # whatever the dead one left behind
-        _model_server.start(
-            self.model_name, version, replica, self.uri, log_path, self.model_config
-        )
-        self.started_pids.append(replica.proc.pid)
-
-    # -- following the registry ------------------------------------------------
-
-    def _follow_production(self, version: str, stop: threading.Event) -> None:
-        active = self._active
-        if active is not None and active.version == version:
-            return
-        if time.monotonic() < self._retry_at.get(version, 0.0):
-            return
-        slot = self._slot_of(version)
-        if slot is None:
-            self._start_version(version, registry.PRODUCTION)
-        elif slot.proved and any(r.ready and r.alive() for r in slot.replicas):
-            self._switch_to(slot, stop)
-
-    def _follow_staging(self, version: str | None, production: str | None) -> None:
-        if self._warm is not None and self._warm.version != version:
-            self._warm = None  # Staging moved on (_stop_unneeded stops it when unneeded)
-        if version is None or version in (self.serving_version, production):
-            return
-        standby = self._standby
-        if standby is not None and standby.version == version:
-            if self._warm is not standby:
-                self._warm = standby
-                logger.info(
-                    "version %s (Staging) is the rollback standby, already warm on %s",
-                    version,
-                    standby.where,
-                )
-            return
-        if time.monotonic() < self._retry_at.get(version, 0.0):
-            return
-        slot = self._slot_of(version)
-        if slot is None:
-            self._start_version(version, registry.STAGING)
-        elif slot.proved and self._warm is not slot:
-            self._warm = slot
-            logger.info(
-                "version %s (Staging) is warm on %s for a promotion (ready in %.1fs)",
-                version,
-                slot.where,
-                time.monotonic() - slot.started_at,
-            )
-
-    def _stop_unneeded(self, production: str | None, staging: str | None) -> None:
-        """Stop every version that is neither served, the standby, Production nor Staging.
-
-        Only once two polls in a row found it so: the registry is read in two
-        calls, and a warm server stopped on a read that raced a promotion would
-        make that promotion a cold start.
-        """
-        needed = {self._active, self._standby, self._slot_of(production), self._slot_of(staging)}
-        unneeded = {
-            slot: slot.version
-            for slot in self.slots
-            if slot.version is not None and slot not in needed
-        }
-        seen_before, self._unneeded = self._unneeded, unneeded
-        for slot, version in list(unneeded.items()):
-            if seen_before.get(slot) != version:
-                continue
-            if slot.alive() and time.monotonic() - slot.unrouted_at < self.policy.drain:
-                continue  # requests sent to it before it was unrouted finish first
-            if slot.unrouted_at:
-                why = "no longer the rollback standby"
-            elif slot.role == registry.STAGING:
-                why = f"Staging is now version {staging}" if staging else "no longer in Staging"
-            else:
-                why = "no longer Production"
-            where = slot.where
-            if slot is self._warm:
-                self._warm = None
-            _model_server.stop(slot)
-            del self._unneeded[slot]
-            logger.info("stopped version %s on %s (%s)", version, where, why)
-
-    def _slot_of(self, version: str | None) -> Slot | None:
-        if version is None:
-            return None
-        return next((slot for slot in self.slots if slot.version == version), None)
-
-    def _start_version(self, version: str, role: str) -> None:
-        """Start every replica of ``version`` on a free slot; the polls that follow prove them."""
-        slot = next((s for s in self.slots if s.is_free()), None)
-        if slot is None:
-            if not self._said_no_free_slot:
-                self._said_no_free_slot = True
-                logger.info(
-                    "waiting for a slot to free up to start version %s (%s) in", version, role
-                )
-            return
-        self._said_no_free_slot = False
-        old = self.serving_version
-        if self._failed_starts.get(version):
-            logger.info("retrying version %s (%s) on %s", version, role, slot.where)
-        elif role == registry.STAGING:
-            logger.info(
-                "Staging of %s is version %s: starting it on %s ahead of its promotion",
-                self.model_name,
-                version,
-                slot.where,
-            )
-        elif old is None:
-            logger.info(
-                "Production of %s is version %s: starting it on %s",
-                self.model_name,
-                version,
-                slot.where,
-            )
-        else:
-            logger.info(
-                "Production changed %s → %s: starting version %s on %s",
-                old,
-                version,
-                version,
-                slot.where,
-            )
-        slot.version, slot.role, slot.started_at = version, role, time.monotonic()
-        try:
-            slot.example = _model_server.serving_example(self.model_name, version)
-            for replica in slot.replicas:
-                _model_server.start(
-                    self.model_name,
-                    version,
-                    replica,
-                    self.uri,
-                    self._log_path(version, replica),
-                    self.model_config,
-                )
-                self.started_pids.append(replica.proc.pid)
-        except Exception as exc:  # e.g. the registry could not give the model: try again later
-            self._give_up_on(slot, StageflowError(f"{type(exc).__name__}: {exc}"))
-            return
-        if slot.example is None:
-            logger.warning(
-                "version %s was logged without an input example; proving it on /ping alone",
-                version,
-            )
-
-    def _log_path(self, version: str, replica: Replica) -> Path:
-        return self.directory / f"v{version}-replica-{replica.address}.log"
-
-    # -- switching -----------------------------------------------------------------
-
-    def _switch_to(self, slot: Slot, stop: threading.Event) -> None:
-        old = self._active
-        version = str(slot.version)
-        if slot is self._standby:
-            how = f"warm on {slot.where} as the rollback standby"
-        elif slot is self._warm:
-            how = f"warm on {slot.where} since it was in Staging"
-        else:
-            how = f"ready on {slot.where} (started in {time.monotonic() - slot.started_at:.1f}s)"
-        if old is None:
-            logger.info("version %s of %s is %s; routing it", version, self.model_name, how)
-        else:
-            logger.info(
-                "Production of %s changed %s → %s: version %s is %s; switching",
-                self.model_name,
-                old.version,
-                version,
-                version,
-                how,
-            )
-        began = time.monotonic()
-
-        # 1. Route the new slot; both versions may now take traffic, and both are good.
-        slot.routed = True
-        if slot.wait_seen(healthy=True, timeout=self.policy.probe_wait):
-            # Let Caddy record that probe before the old replicas start answering 503.
-            stop.wait(self.timings.try_interval)
-        else:
-            logger.warning("the front door has not probed all of %s yet", slot.where)
-        # 2. Unroute the old one; from the next probe on, everything goes to the new slot.
-        if old is not None:
-            old.routed = False
-            old.unrouted_at = time.monotonic()
-            old.wait_seen(healthy=False, timeout=self.policy.probe_wait)
-        self._active = slot
-        if self._standby is slot:
-            self._standby = None
-        if self._warm is slot:
-            self._warm = None
-        self._retry_at.pop(version, None)
-        self._failed_starts.pop(version, None)
-        self.serving.set()
-        took = time.monotonic() - began
-        if old is None:
-            logger.info(
-                "serving %s version %s on %s from %d replica(s)",
-                self.model_name,
-                version,
-                self.url,
-                len(slot.replicas),
-            )
-            return
-        logger.info(
-            "switched %s to version %s in %.1fs; version %s on %s no longer takes new requests",
-            self.model_name,
-            version,
-            took,
-            old.version,
-            old.where,
-        )
-        # 3. The old version stays warm, unrouted, as the rollback standby; requests
-        # already sent to it finish there. 4. The standby it replaces is stopped by
-        # _stop_unneeded (after the drain, if it was only just unrouted).
-        if old.alive():
-            self._standby = old
-            logger.info("version %s stays warm on %s for a rollback", old.version, old.where)
-        else:  # every replica of it had died: nothing to keep warm
-            old_version, where = old.version, old.where
-            _model_server.stop(old)
-            logger.info("stopped version %s on %s (its replicas had exited)", old_version, where)
-
-    def _give_up_on(self, slot: Slot, exc: Exception, replica: Replica | None = None) -> None:
-        version, role, where = str(slot.version), slot.role, slot.where
-        log_path = replica.log_path if replica is not None else None
-        ending = processes.tail(log_path, lines=LOG_TAIL_LINES)
-        _model_server.stop(slot)
-        self._retry_at[version] = time.monotonic() + self.policy.retry_after
-        attempts = self._failed_starts[version] = self._failed_starts.get(version, 0) + 1
-        active = self._active
-        still = (
-            f"still serving version {active.version}"
-            if active is not None and active.serving()
-            else "nothing is served"
-        )
-        if attempts == 1:
-            logger.error(
-                "version %s of %s (%s) failed to start on %s: %s; %s; retrying in %.0fs. "
-                "Its log: %s, ending:\n%s",
-                version,
-                self.model_name,
-                role,
-                where,
-                exc,
-                still,
-                self.policy.retry_after,
-                log_path,
-                _indent(ending),
-            )
-        else:
-            logger.error(
-                "version %s of %s (%s) failed to start again (attempt %d): %s; %s; retrying in "
-                "%.0fs. Its log: %s",
-                version,
-                self.model_name,
-                role,
-                attempts,
-                exc,
-                still,
-                self.policy.retry_after,
-                log_path,
-            )
-
     def _replicas(self) -> Iterator[Replica]:
         for slot in self.slots:
             yield from slot.replicas
+
+
+def _slot_state(slot: Slot) -> SlotState:
+    """What the planner needs to know about ``slot``, read from its processes now."""
+    return SlotState(
+        version=slot.version,
+        role=slot.role,
+        proved=slot.proved,
+        failure=slot.failure,
+        routed=slot.routed,
+        unrouted_at=slot.unrouted_at,
+        replicas=tuple(
+            ReplicaState(
+                running=replica.proc is not None,
+                alive=replica.alive(),
+                ready=replica.ready,
+                failure=replica.failure,
+                retry_at=replica.retry_at,
+            )
+            for replica in slot.replicas
+        ),
+    )
 
 
 class BackgroundServe:
@@ -829,10 +509,6 @@ def _stop_on_signals(stop: threading.Event, shutting_down: threading.Event) -> I
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _indent(text: str) -> str:
-    return textwrap.indent(text, "    ")
 
 
 def _file_safe(name: str) -> str:

@@ -15,6 +15,10 @@ failed ``POST`` on another replica. That is safe because a prediction has no
 side effect: sending it twice gives the same answer. A refused connection is
 retried for any request, and the failed replica is passed over for
 ``FrontDoorTimings.fail_duration`` until the active health check notices.
+Caddy retries only until an upstream's headers arrive, and forwards them at
+once (``response_buffers`` changes neither), so each model server writes its
+whole answer at once (``serving/_hold_answers.py``): a replica that dies
+mid-answer has sent nothing, and the request goes to a sibling.
 """
 
 from __future__ import annotations
@@ -157,6 +161,12 @@ http://:{port} {{
 		not header Content-Type text/csv*
 		not header Content-Type application/vnd.apache.parquet*
 	}}
+	# Every answer carries X-Request-Id: the client's own, else one made here,
+	# sent on to the replica (whose inference log records it) and set once on the
+	# answer (deferred, so it replaces the replica's echo instead of doubling it).
+	@no_request_id not header X-Request-Id *
+	request_header @no_request_id X-Request-Id {{http.request.uuid}}
+	header >X-Request-Id {{http.request.header.X-Request-Id}}
 	header @unsupported Content-Type application/json
 	respond @unsupported `{_UNSUPPORTED_BODY}` 415
 	reverse_proxy {upstreams} {{
@@ -179,10 +189,12 @@ http://:{port} {{
 		}}
 	}}
 	handle_errors 413 {{
+		header X-Request-Id {{http.request.header.X-Request-Id}}
 		header Content-Type application/json
 		respond `{too_large}` 413
 	}}
 	handle_errors {{
+		header X-Request-Id {{http.request.header.X-Request-Id}}
 		header Content-Type application/json
 		respond `{_UNAVAILABLE_BODY}` {{err.status_code}}
 	}}

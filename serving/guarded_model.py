@@ -27,7 +27,15 @@ Inputs answer 400 (``INVALID_INPUT``); abnormal outputs answer 422
 (``ABNORMAL_OUTPUT``). The policies (``model_config``, overridable at serve
 time): ``unknown_category`` is ``reject`` or ``flag`` (accept, encode as unseen,
 count), ``abnormal_output`` is ``reject`` or ``clip`` (regression only: clip
-into range, count).
+into range, count). ``ignored_columns`` (a list, added to the contract's own)
+names columns a request may carry that the model never sees, such as the
+client's order number: accepted, dropped before the check.
+
+Under ``stageflow serve`` the model_config also holds ``inference_log`` (model,
+version, mode, ...): the model then records each request's checked arrays and
+answer in Stageflow's inference log (``serving/inference_log.py``, imported only
+then, from the serving environment). The log has the rows as the contract
+checked them, so nothing is rebuilt from the DataFrame.
 
 The model logs no input signature, so ``mlflow models serve`` does not enforce
 a schema on top of the contract. When the pipeline has the shape Stageflow
@@ -65,8 +73,12 @@ POLICIES = {"unknown_category": ("reject", "flag"), "abnormal_output": ("reject"
 DEFAULT_POLICY = {name: choices[0] for name, choices in POLICIES.items()}
 # Artifact keys of the logged model.
 PIPELINE, CONTRACT = "pipeline", "contract"
-# The model_config key (and contract key) naming columns a request may send and the model drops.
-IGNORED_COLUMNS = "ignored_columns"
+# The model_config key (and contract key) naming columns a request may send and the model
+# drops; the model_config key of the inference log's settings (serving/inference_log.py).
+IGNORED_COLUMNS, INFERENCE_LOG = "ignored_columns", "inference_log"
+# The model_config a version is logged with. MLflow lets a load-time model_config
+# override only the keys logged here, so every key serving may set must be present.
+LOGGED_CONFIG = {**DEFAULT_POLICY, IGNORED_COLUMNS: [], INFERENCE_LOG: None}
 
 
 class Rejected(MlflowException):
@@ -186,7 +198,8 @@ class Guard:
     """The contract, compiled for checking requests fast.
 
     Args:
-        ignored: more columns to accept and drop, beside the contract's ``ignored_columns``.
+        ignored: more columns to accept and drop, beside the contract's ``ignored_columns``
+            (an id column): never refused as unexpected, never passed on.
     """
 
     def __init__(self, contract: dict, policy: dict, ignored=()):
@@ -223,7 +236,8 @@ class Guard:
             ``(numeric, categorical, flagged)``: ``categorical`` holds one object
             array per name in ``object_names`` (the categorical columns, then the
             date columns as Timestamps); missing values are ``None``; ``flagged``
-            counts unknown categories accepted under ``flag``.
+            lists the rows with an unknown category accepted under ``flag`` (a row
+            once per such value).
 
         Raises:
             Rejected: naming the first row and column that breaks the contract.
@@ -233,7 +247,7 @@ class Guard:
         numeric = self._numeric(frame)
         if numeric.size:
             self._check_numeric(numeric)
-        categorical, flagged = [], 0
+        categorical, flagged = [], []
         for spec, allowed in zip(self.categorical, self.categories, strict=True):
             values, unknown = self._check_categorical(frame[spec["name"]].to_numpy(), spec, allowed)
             categorical.append(values)
@@ -259,7 +273,7 @@ class Guard:
                 )
         if len(columns) != len(present):
             raise Rejected(None, "duplicate_column", "a column name appears twice")
-        return frame[self.names]
+        return frame[self.names]  # ignored columns dropped here
 
     def _numeric(self, frame: pd.DataFrame) -> np.ndarray:
         if not self.numeric:
@@ -314,11 +328,11 @@ class Guard:
 
     def _check_categorical(
         self, values: np.ndarray, spec: dict, allowed: frozenset
-    ) -> tuple[np.ndarray, int]:
+    ) -> tuple[np.ndarray, list[int]]:
         name = spec["name"]
         expected = (bool, np.bool_) if spec["type"] == "boolean" else str
         out = np.empty(len(values), dtype=object)
-        unknown = 0
+        unknown = []
         for row, value in enumerate(values):
             value = _scalar(value)
             if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -347,7 +361,7 @@ class Guard:
                         f"a category not seen in training ({len(allowed)} known)",
                         row,
                     )
-                unknown += 1
+                unknown.append(row)
             out[row] = value
         return out, unknown
 
@@ -544,6 +558,7 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
     """A Stageflow pipeline behind its data contract (see the module docstring)."""
 
     contract: dict | None = None
+    log = None  # the inference log (serving/inference_log.py) when serving with one
 
     def load_context(self, context) -> None:
         import skops.io  # noqa: PLC0415 - only where a model is loaded
@@ -560,10 +575,14 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
         if contract.get("version") != CONTRACT_VERSION:
             raise MlflowException(f"unsupported data contract version {contract.get('version')}")
         self.pipeline, self.contract = pipeline, contract
+        config = config or {}
         self.policy = check_policy(config)
-        ignored = (config or {}).get(IGNORED_COLUMNS) or ()
+        log_config = config.get(INFERENCE_LOG)
+        self.id_column = (log_config or {}).get("id_column")
+        ignored = config.get(IGNORED_COLUMNS) or ()
         if isinstance(ignored, str):
             ignored = [c.strip() for c in ignored.split(",") if c.strip()]
+        ignored = [*ignored, *([self.id_column] if self.id_column else [])]
         self.guard = Guard(contract, self.policy, ignored)
         self.classify = contract["task"] == CLASSIFICATION
         self.estimator = pipeline[-1]
@@ -577,7 +596,18 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
             self.low, self.high = _widened(
                 contract["target"]["min"], contract["target"]["max"], contract["range_tolerance"]
             )
+        if log_config:
+            self._attach_log(log_config)
         return self
+
+    def _attach_log(self, log_config: dict) -> None:
+        try:
+            from serving import inference_log  # noqa: PLC0415 - Stageflow's, only when serving
+        except ImportError:
+            logger.warning("stageflow guard: serving.inference_log is not importable; no log")
+            return
+        self.log = inference_log.attach(self.guard, self.classify, log_config)
+        self._current_request = inference_log.current_request
 
     # The hint is one MLflow infers no schema from: the contract checks inputs, and the
     # scoring server parses requests as for any model without a signature.
@@ -587,20 +617,38 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
         ``model_input`` is what the scoring server parsed: a DataFrame, or a dict
         of columns (``inputs``/``instances``).
         """
+        note = self._current_request() if self.log is not None else None
+        if note is None:
+            return self._predict(model_input, None)
+        try:
+            return self._predict(model_input, note)
+        except Rejected as exc:
+            note.refuse(exc.body["problem"], exc.body.get("row"))
+            raise
+
+    def _predict(self, model_input, note):
         frame = _as_frame(model_input)
         numeric, categorical, flagged = self.guard.check(frame)
         if flagged:
             total = self.guard.count("unknown_category")
             logger.warning(
                 "stageflow guard: accepted %d unknown categories (flag policy); %d so far",
-                flagged,
+                len(flagged),
                 total,
             )
         if not len(frame):
             return np.array([])
-        if self.classify:
-            return self._classes(self._scores(numeric, categorical, frame))
-        return self._values(self._scores(numeric, categorical, frame))
+        scores = self._scores(numeric, categorical, frame)
+        answer = self._classes(scores) if self.classify else self._values(scores, note)
+        if note is not None:
+            # References only: the log's writer thread builds its table from these.
+            note.numeric, note.categorical, note.predictions = numeric, categorical, answer
+            if self.id_column is not None and self.id_column in frame.columns:
+                note.ids = frame[self.id_column].to_numpy()
+            if flagged:
+                note.problems = note.problems if note.problems is not None else _no_problems(frame)
+                note.problems[flagged] = "unknown_category"
+        return answer
 
     def predict_pipeline(self, frame: pd.DataFrame) -> np.ndarray:
         """The pipeline's own answer on ``frame`` (no guard, no fast path): the reference."""
@@ -663,7 +711,7 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
             )
         return self.estimator.classes_[proba.argmax(axis=1)]
 
-    def _values(self, values: np.ndarray) -> np.ndarray:
+    def _values(self, values: np.ndarray, note=None) -> np.ndarray:
         values = np.asarray(values, dtype=float)
         finite = np.isfinite(values)
         outside = finite & ((values < self.low) | (values > self.high))
@@ -679,6 +727,9 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
                 int(outside.sum()),
                 total,
             )
+            if note is not None:
+                note.problems = _no_problems(values)
+                note.problems[outside] = "out_of_range"
             return np.clip(values, self.low, self.high)
         logger.warning(
             "stageflow guard: abnormal output (%s) in row %d; %d so far", problem, row, total
@@ -691,6 +742,10 @@ class GuardedModel(mlflow.pyfunc.PythonModel):
             f"{target['min']:.6g} to {target['max']:.6g})"
         )
         raise AbnormalOutput(None, problem, detail, row)
+
+
+def _no_problems(rows) -> np.ndarray:
+    return np.full(len(rows), None, dtype=object)
 
 
 def _linear_kind(estimator) -> str | None:

@@ -24,3 +24,9 @@ FAMILY_NAMES = {
     RF: "random forest",
     HGB: "histogram gradient boosting",
 }
+
+# The experiments Stageflow itself writes to, beside each model's own.
+LEDGER_EXPERIMENT = "stageflow-ledger"  # every stage transition and gate decision
+BATCH_EXPERIMENT = "stageflow-batch"  # every batch scoring run
+INFERENCE_EXPERIMENT = "stageflow-inference"  # the inference log's segments, per version
+MONITORING_EXPERIMENT = "stageflow-monitoring"  # monitoring windows and labels

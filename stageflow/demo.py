@@ -19,7 +19,15 @@ MODEL = "stageflow-demo"
 DATA = "builtin:breast_cancer"
 TARGET = "target"
 FAMILIES = ("lr", "hgb")
-SWITCH_TIMEOUT_S = 90.0
+# A cold start takes ~15 s on an idle 2-core machine and several times that on a busy
+# one; the demo waits for it rather than fail on a laptop doing other work.
+SWITCH_TIMEOUT_S = 300.0
+REQUEST_TIMEOUT_S = 60.0
+# The demo's policy, as data (README, "Policies"). Its latency budget is one a busy
+# laptop cannot exceed: under load, HistGradientBoosting's single-row p95 measured
+# 690 ms against the default budget of 100 ms, and the demo refused its own version.
+# The latency gate still runs and its figures are in every gate report.
+DEMO_LATENCY = "latency:\n  single_row_p95_ms: 10000\n  batch_p95_ms: 100000\n"
 BATCH_ROWS = 2_000
 
 
@@ -33,7 +41,7 @@ def _step(n: int, text: str) -> None:
 
 def _predict(url: str, rows) -> tuple[str, list]:
     payload = {"dataframe_split": rows.to_dict(orient="split", index=False)}
-    answer = requests.post(url, json=payload, timeout=10)
+    answer = requests.post(url, json=payload, timeout=REQUEST_TIMEOUT_S)
     answer.raise_for_status()
     return answer.headers.get("X-Model-Version", "?"), answer.json()["predictions"]
 
@@ -88,6 +96,12 @@ def run_demo(tracking_port: int = 5000, serve_port: int = 8080) -> int:
             results, key=lambda r: (r.metrics["test_accuracy"], r.metrics["test_roc_auc"])
         )[::-1]
 
+        policy = home / "demo" / "policy.yaml"
+        policy.parent.mkdir(parents=True, exist_ok=True)
+        policy.write_text(DEMO_LATENCY)
+        set_policy(MODEL, policy, uri)
+        _say(f"    policy for {MODEL}: a latency budget a busy laptop meets too ({policy})")
+
         _step(3, f"Promote the better one (version {best.version}) to Staging, then Production")
         for stage in (STAGING, PRODUCTION):
             moved = promote(MODEL, best.version, stage, "demo: best test accuracy", uri)
@@ -123,9 +137,7 @@ def run_demo(tracking_port: int = 5000, serve_port: int = 8080) -> int:
         # The demo ships the worse version on purpose, to show a switch and a rollback.
         # The default gate (non-inferiority within 2%) would rightly refuse it, so the
         # demo's model gets a wider margin -- a policy is data (README, "Policies").
-        policy = home / "demo" / "policy.yaml"
-        policy.parent.mkdir(parents=True, exist_ok=True)
-        policy.write_text("comparison:\n  margin: 0.15\n")
+        policy.write_text(DEMO_LATENCY + "comparison:\n  margin: 0.15\n")
         set_policy(MODEL, policy, uri)
         _say(f"    the worse one on purpose: policy for {MODEL} widened to a 15% margin ({policy})")
         for stage in (STAGING, PRODUCTION):

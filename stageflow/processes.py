@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
 import requests
 
 logger = logging.getLogger(__name__)
@@ -122,16 +123,41 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     # A zombie leader still counts for killpg; look for a live member.
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+    for proc in psutil.process_iter(["status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(proc.pid) == pgid:
+                return True
     return False
+
+
+def started_at(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if there is none.
+
+    With the pid, this names one process for good: a pid is reused once its process
+    is gone, a (pid, start time) pair is not.
+    """
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
+def is_process(pid: int, started: float) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` (see :func:`started_at`)."""
+    now = started_at(pid)
+    # create_time comes from the kernel's boot-relative start ticks: equal for the same
+    # process, to float rounding (psutil computes it the same way each time).
+    return now is not None and abs(now - started) < 0.01
+
+
+def command_line(pid: int) -> list[str]:
+    """The arguments process ``pid`` runs with (empty if it is gone or not ours to read)."""
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
 
 
 def wait_until(

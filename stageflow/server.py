@@ -2,7 +2,9 @@
 
 Defaults: SQLite backend in WAL mode and proxied artifacts, both under
 ``STAGEFLOW_HOME`` (``./.stageflow``). ``start`` reuses a healthy server it
-already runs; ``stop`` stops its whole process group and forgets it.
+already runs; ``stop`` stops its whole process group and forgets it — after checking
+that the recorded pid is still the server it started (its start time, recorded in
+``server.json``), so a stale file never signals an unrelated process that reused the pid.
 
 One uvicorn worker on purpose: ``mlflow server`` defaults to four, and uvicorn
 with more than one worker leaves Nagle's algorithm on for keep-alive
@@ -85,6 +87,8 @@ class ServerInfo:
     log: str
     auth: bool = False
     reused: bool = False
+    started: float | None = None  # the process's start time: with the pid, its identity
+    stale: bool = False  # set by stop(): the recorded pid is no longer this server
 
     @property
     def uri(self) -> str:
@@ -258,6 +262,7 @@ def start(
         artifacts_destination=mask_uri(artifacts_destination),
         log=str(log_path),
         auth=auth,
+        started=processes.started_at(proc.pid),
     )
     try:
         processes.wait_until(
@@ -332,14 +337,41 @@ def _flask_secret(home: Path) -> str:
 
 
 def stop(home: Path | None = None) -> ServerInfo | None:
-    """Stop the server started from ``home``; returns what was stopped, or None."""
+    """Stop the server started from ``home``; returns what was stopped, or None.
+
+    A ``server.json`` whose pid now belongs to another process (the server died and
+    the pid was reused) is removed without signalling anything; the result says
+    ``stale``.
+    """
     home = home or tracking.home()
     info = read_state(home)
     if info is None:
         return None
-    processes.stop_group(info.pid)
+    if is_our_server(info):
+        processes.stop_group(info.pid)
+    else:
+        info.stale = True
+        logger.warning(
+            "%s names pid %d, which is no longer the tracking server started from %s; "
+            "removed the stale file and signalled nothing",
+            _state_path(home),
+            info.pid,
+            home,
+        )
     _state_path(home).unlink(missing_ok=True)
     return info
+
+
+def is_our_server(info: ServerInfo) -> bool:
+    """Whether ``info.pid`` is still the server ``info`` records (pid and start time).
+
+    A file written before start times were recorded is judged by the command line:
+    an ``mlflow server`` on the recorded port.
+    """
+    if info.started is not None:
+        return processes.is_process(info.pid, info.started)
+    argv = processes.command_line(info.pid)
+    return "server" in argv and any("mlflow" in a for a in argv[:2]) and str(info.port) in argv
 
 
 def run_foreground(info: ServerInfo) -> None:

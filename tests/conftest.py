@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from stageflow import processes, server
+from tests.helpers import UNTIMED_LATENCY_YAML
 
 # Keep test output readable and --json output clean, as the CLI does.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -54,6 +56,25 @@ def no_leaked_run():
 
 
 @pytest.fixture(scope="session")
+def untimed_policy(tmp_path_factory) -> Path:
+    """A policy file whose latency budget no machine can exceed; defaults otherwise."""
+    path = tmp_path_factory.mktemp("policy") / "untimed-latency.yaml"
+    path.write_text(UNTIMED_LATENCY_YAML)
+    return path
+
+
+@pytest.fixture
+def untime_promotions(tracking_uri, untimed_policy):
+    """``untime_promotions(name)``: store the untimed policy on model ``name`` (its tag)."""
+    from registry import set_policy
+
+    def untime(name: str, tracking_uri: str = tracking_uri) -> None:
+        set_policy(name, untimed_policy, tracking_uri)
+
+    return untime
+
+
+@pytest.fixture(scope="session")
 def wine_models(tracking_server):
     """Two real trained versions (lr, rf on builtin:wine), trained once per session.
 
@@ -72,11 +93,16 @@ def wine_models(tracking_server):
 
 
 @pytest.fixture
-def register_versions(tracking_uri, wine_models):
-    """``register_versions(name)`` → versions "1" (lr) and "2" (rf) of ``name``."""
+def register_versions(tracking_uri, wine_models, untime_promotions):
+    """``register_versions(name)`` → versions "1" (lr) and "2" (rf) of ``name``.
+
+    The model promotes under the untimed policy (``UNTIMED_LATENCY_YAML``).
+    """
 
     def register(name: str) -> list[str]:
-        return [mlflow.register_model(source, name).version for source in wine_models]
+        versions = [mlflow.register_model(source, name).version for source in wine_models]
+        untime_promotions(name)
+        return versions
 
     return register
 
@@ -107,3 +133,25 @@ def postgres_database():
             yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# Slowest modules first (cold starts of real model servers, end-to-end stories), the
+# rest in collection order: `make test` hands tests to its workers in this order
+# (`--dist loadgroup --no-loadscope-reorder`), so the long ones start at once and the
+# short ones fill in around them instead of one long test ending the run alone.
+SLOWEST_FIRST = (
+    "tests/test_demo.py",
+    "tests/test_lifecycle.py",
+    "tests/serving/test_serve.py",
+    "tests/test_mlproject.py",
+    "tests/test_ui.py",
+    "tests/serving/test_guarded.py",
+    "tests/experiments/test_tune.py",
+    "tests/registry/test_consistency.py",
+    "tests/registry/test_gates.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: position for position, path in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("experiments", "registry", "serving")
+STAGES = ("experiments", "registry", "serving", "monitoring")
 
 
 def _contracts() -> list[dict]:

@@ -14,14 +14,24 @@ import os
 import sys
 import time
 
-from stageflow.cli import demo, policy, promote, score, serve, server, status, train
+from stageflow.cli import (
+    demo,
+    monitor,
+    policy,
+    promote,
+    score,
+    serve,
+    server,
+    status,
+    train,
+)
 from stageflow.cli._common import EPILOG_TRACKING, Parser, formatter
 from stageflow.errors import StageflowError
 
 __all__ = ["build_parser", "main"]
 
 # In the order `stageflow --help` lists them.
-COMMAND_GROUPS = (server, train, promote, status, policy, serve, score, demo)
+COMMAND_GROUPS = (server, train, promote, status, policy, serve, score, monitor, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +86,11 @@ def quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(mlflow|sklearn|matplotlib)")
 
 
+def _permission_denied(exc: Exception) -> bool:
+    """An MLflow call the auth app refused (403), however MLflow's client phrased it."""
+    return getattr(exc, "error_code", "") == "PERMISSION_DENIED" or "error code 403" in str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, quiet=getattr(args, "json", False))
@@ -93,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        if _permission_denied(exc):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+            print(
+                f"stageflow {args.command}: the tracking server refused {user} "
+                f"(permission denied: {first[:160]}); an admin grants what a command needs "
+                "with `stageflow server user add USER --role reader|operator|promoter --model M`",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"stageflow {args.command}: failed: {type(exc).__name__}: {first} "
             "(re-run with -v for details)",

@@ -48,6 +48,7 @@ def run(args) -> int:
         args.tracking_uri,
         args.chunk_rows,
         model_config=guard_config(args),
+        progress=not args.json,  # stderr; --json runs stay quiet
     )
     human = (
         f"scored {result.rows} rows with {result.model} version {result.version} "

@@ -10,6 +10,7 @@ from stageflow.cli._common import (
     port,
     positive_int,
 )
+from stageflow.errors import UsageError
 
 
 def add_commands(commands) -> None:
@@ -22,8 +23,9 @@ def add_commands(commands) -> None:
             "without a restart. The previous Production stays warm for a rollback, and the "
             "Staging version is started ahead of its promotion, so either switch is immediate. "
             "Each version runs as several replicas; one that dies is restarted while the others "
-            "serve. Every /invocations answer carries X-Model-Version. Ctrl-C stops everything "
-            "it started."
+            "serve. Every /invocations answer carries X-Model-Version and X-Request-Id, and is "
+            "recorded in the version's inference log (README, Monitoring). Ctrl-C stops "
+            "everything it started."
         ),
         epilog=EPILOG_TRACKING,
     )
@@ -41,6 +43,27 @@ def add_commands(commands) -> None:
     )
     add_guard_policies(serve)
     serve.add_argument(
+        "--id-column",
+        metavar="NAME",
+        help="a column of the client's own key (an order number) that requests may carry: "
+        "never fed to the model, never refused as unexpected, logged as `id` so labels can "
+        "be joined on it",
+    )
+    serve.add_argument(
+        "--inference-log",
+        default="all",
+        metavar="off|sample:FRACTION|all",
+        help="which requests the inference log records: none, a random fraction (e.g. "
+        "sample:0.1) or every one (default: all)",
+    )
+    serve.add_argument(
+        "--log-retention",
+        default="1GB,7d",
+        metavar="SIZE,AGE",
+        help="bound on the log's local segments, by total size and/or age, e.g. 500MB,7d or "
+        "2d; uploaded segments stay in the artifact store (default: 1GB,7d)",
+    )
+    serve.add_argument(
         "--metrics-port",
         type=port,
         metavar="PORT",
@@ -51,14 +74,23 @@ def add_commands(commands) -> None:
 
 
 def run(args) -> int:
+    from serving import inference_log  # noqa: PLC0415
     from serving.controller import serve  # noqa: PLC0415
 
+    try:
+        inference_log.parse_mode(args.inference_log)
+        inference_log.parse_retention(args.log_retention)
+    except ValueError as exc:
+        raise UsageError(f"{exc}") from None
+    log = {"mode": args.inference_log, "retention": args.log_retention}
+    if args.id_column:
+        log["id_column"] = args.id_column
     serve(
         args.model,
         port=args.port,
         tracking_uri=args.tracking_uri,
         metrics_port=args.metrics_port,
         replicas=args.replicas,
-        model_config=guard_config(args),
+        model_config={**guard_config(args), inference_log.INFERENCE_LOG: log},
     )
     return 0

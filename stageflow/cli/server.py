@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from stageflow.cli._common import formatter, port
+from dataclasses import asdict
+
+from stageflow.cli._common import add_json, add_tracking, emit, formatter, port
 
 
 def add_commands(commands) -> None:
@@ -56,14 +58,63 @@ def add_commands(commands) -> None:
         help="return once it is healthy; stop it with `server stop`",
     )
     server_commands.add_parser("stop", help="stop the tracking server started from this folder")
+    user = server_commands.add_parser(
+        "user",
+        help="give a user of an --auth server a role on a model",
+        formatter_class=formatter,
+        description=(
+            "On a tracking server started with --auth, create a user (password from "
+            "STAGEFLOW_USER_PASSWORD) or take an existing one, and grant what a role needs "
+            "on one model:\n"
+            "  reader    status, history, the MLflow UI (READ on the model, its runs, the ledger)\n"
+            "  operator  serve, score, monitor (a reader, plus EDIT on Stageflow's batch,\n"
+            "            inference-log and monitoring experiments)\n"
+            "  promoter  promote, rollback, policy set (a reader, plus MANAGE on the model,\n"
+            "            EDIT on the ledger, READ on the registry locks of every model)\n"
+            "Run it as an admin (MLFLOW_TRACKING_USERNAME=admin ...).\n\n"
+            "Example:\n"
+            "  STAGEFLOW_USER_PASSWORD=... stageflow server user add alice --role promoter "
+            "--model churn"
+        ),
+    )
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION")
+    user_commands.required = True
+    add = user_commands.add_parser("add", help="create or update a user with a role on a model")
+    add.add_argument("username", metavar="NAME")
+    add.add_argument("--role", required=True, choices=("reader", "operator", "promoter"))
+    add.add_argument("--model", required=True, metavar="MODEL")
+    add_tracking(add)
+    add_json(add)
 
 
 def run(args) -> int:
     from stageflow import server  # noqa: PLC0415
 
+    if args.server_command == "user":
+        from stageflow import access  # noqa: PLC0415
+
+        grants = access.add_user(args.username, args.role, args.model, args.tracking_uri)
+        lines = [f"{args.username} is a {args.role} of {args.model}:"] + [
+            f"  {g.permission:<6} {g.resource_type.replace('_', ' ')} {g.name}" for g in grants
+        ]
+        emit(
+            args,
+            {"user": args.username, "role": args.role, "model": args.model,
+             "grants": [asdict(g) for g in grants]},
+            "\n".join(lines),
+        )  # fmt: skip
+        return 0
     if args.server_command == "stop":
         stopped = server.stop()
-        print(f"stopped the tracking server at {stopped.uri}" if stopped else "no server to stop")
+        if stopped is None:
+            print("no server to stop")
+        elif stopped.stale:
+            print(
+                f"removed a stale {server.STATE_FILE}: pid {stopped.pid} is no longer the "
+                "tracking server it records, so nothing was signalled"
+            )
+        else:
+            print(f"stopped the tracking server at {stopped.uri}")
         return 0
     info = server.start(
         port=args.port,

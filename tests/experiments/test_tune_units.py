@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import event
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from experiments import _study, _workers
+from experiments import _shield, _study, _workers
 from experiments._objective import CrossValidation, FoldScores, choose_metric, estimator_params
 from experiments.tune import _create_or_resume, prepare
 from stageflow.errors import StageflowError, UsageError
@@ -103,7 +103,7 @@ def test_resuming_a_study_made_for_other_data_is_refused(tmp_path):
 def test_ctrl_c_inside_a_storage_write_waits_for_the_write_and_the_trial_is_told_failed(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(_workers, "_INTERRUPT", _workers._Interrupt())  # noqa: SLF001
+    monkeypatch.setattr(_shield, "STATE", _shield.InterruptState())
     storage = _study.open_storage(f"sqlite:///{tmp_path / 's.db'}")
     study = optuna.create_study(storage=storage, study_name="s")
 
@@ -111,14 +111,14 @@ def test_ctrl_c_inside_a_storage_write_waits_for_the_write_and_the_trial_is_told
         os.kill(os.getpid(), signal.SIGINT)  # its handler runs inside the SQL statement
 
     def objective(trial):
-        with _workers._interruptible():  # noqa: SLF001
-            shielded = _workers._ShieldedTrial(trial)  # noqa: SLF001
+        with _shield.interruptible():
+            shielded = _shield.ShieldedTrial(trial)
             shielded.suggest_float("x", 0.0, 1.0)
             event.listen(storage.engine, "before_cursor_execute", ctrl_c, once=True)
             shielded.report(0.5, 0)
             pytest.fail("the interrupt was not raised once the write had finished")
 
-    with _workers._deferred_interrupts(), pytest.raises(KeyboardInterrupt):  # noqa: SLF001
+    with _shield.deferred_interrupts(), pytest.raises(KeyboardInterrupt):
         study.optimize(objective, n_trials=1)
     [trial] = study.get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL

@@ -91,7 +91,7 @@ def test_six_concurrent_promoters_on_sqlite_leave_one_staging_version(
 
 @pytest.mark.postgres
 def test_six_concurrent_promoters_on_postgresql_leave_one_staging_version(
-    postgres_database, tmp_path, model_name, monkeypatch
+    postgres_database, tmp_path, model_name, monkeypatch, untimed_policy
 ):
     from experiments.train import train
 
@@ -105,6 +105,7 @@ def test_six_concurrent_promoters_on_postgresql_leave_one_staging_version(
         monkeypatch.setenv("MLFLOW_TRACKING_URI", info.uri)
         trained = train("builtin:wine", "target", model_name, family="lr", tracking_uri=info.uri)
         client = MlflowClient(info.uri, info.uri)
+        registry.set_policy(model_name, untimed_policy, info.uri)
         source = client.get_model_version(model_name, trained.version).source
         versions = [trained.version] + [
             mlflow.register_model(source, model_name).version for _ in range(PROMOTERS - 1)

@@ -11,10 +11,11 @@ import pytest
 from mlflow import MlflowClient
 
 import registry
-from registry import gates, ledger
+from registry import _compare, ledger
 from registry.policy import parse
 from stageflow import processes
 from stageflow.errors import UsageError
+from tests.helpers import UNTIMED_LATENCY_YAML
 
 # --- policies and the bootstrap: no server --------------------------------------------
 
@@ -48,12 +49,12 @@ def test_paired_bootstrap_orients_the_interval_so_positive_means_better():
     rng = np.random.default_rng(1)
     champion = (rng.random(400) < 0.7).astype(float)
     challenger = np.maximum(champion, (rng.random(400) < 0.3).astype(float))
-    low, high, point = gates.paired_bootstrap(challenger, champion, "accuracy", True, 500, 0.95)
+    low, high, point = _compare.paired_bootstrap(challenger, champion, "accuracy", True, 500, 0.95)
     assert 0 < low <= point <= high
-    low, high, point = gates.paired_bootstrap(champion, champion, "accuracy", True, 500, 0.95)
+    low, high, point = _compare.paired_bootstrap(champion, champion, "accuracy", True, 500, 0.95)
     assert low == high == point == 0
     # RMSE: lower is better, so a challenger with smaller errors shows a positive improvement.
-    low, _, point = gates.paired_bootstrap(champion * 0.5, champion, "rmse", False, 500, 0.95)
+    low, _, point = _compare.paired_bootstrap(champion * 0.5, champion, "rmse", False, 500, 0.95)
     assert point > 0
     assert low > 0
 
@@ -105,7 +106,7 @@ def check(result_or_refusal, name: str) -> dict:
 @pytest.mark.slow
 def test_thresholds_pass_and_refuse_and_every_decision_leaves_a_report(wine, tmp_path):
     client = MlflowClient()
-    strict = write_policy(tmp_path, 'thresholds:\n  accuracy: ">= 0.95"\n')
+    strict = write_policy(tmp_path, UNTIMED_LATENCY_YAML + 'thresholds:\n  accuracy: ">= 0.95"\n')
 
     passed = registry.promote(wine, 2, "Staging", "rf", policy_file=strict)
     with pytest.raises(registry.Refused, match=r"test_accuracy 0\.8889 fails accuracy >= 0\.95"):
@@ -190,8 +191,9 @@ def test_a_version_over_the_latency_budget_is_refused_with_its_figures(wine, tmp
     tight = write_policy(tmp_path, "latency:\n  single_row_p95_ms: 0.001\n  repeats: 5\n")
     with pytest.raises(registry.Refused, match=r"latency: single row p95 [\d.]+ ms > budget"):
         registry.promote(wine, 1, "Staging", policy_file=tight)
-    figures = check(registry.promote(wine, 1, "Staging"), "latency")["figures"]
-    assert figures["budget"] == {"single_row_p95_ms": 100.0, "batch_p95_ms": 1000.0}
+    loose = write_policy(tmp_path, "latency:\n  single_row_p95_ms: 60000\n  batch_p95_ms: 600000\n")
+    figures = check(registry.promote(wine, 1, "Staging", policy_file=loose), "latency")["figures"]
+    assert figures["budget"] == {"single_row_p95_ms": 60000.0, "batch_p95_ms": 600000.0}
     assert figures["batch_rows"] == 1000
     assert 0 < figures["single_row_median_ms"] <= figures["single_row_p95_ms"]
 
@@ -207,7 +209,9 @@ def test_a_dry_run_runs_the_gates_and_changes_nothing(wine, tmp_path):
     with pytest.raises(registry.Refused, match="dry run: would refuse"):
         registry.promote(
             wine, 3, "Staging", dry_run=True,
-            policy_file=write_policy(tmp_path, 'thresholds:\n  accuracy: ">= 0.99"\n'),
+            policy_file=write_policy(
+                tmp_path, UNTIMED_LATENCY_YAML + 'thresholds:\n  accuracy: ">= 0.99"\n'
+            ),
         )  # fmt: skip
     after = client.get_model_version(wine, "1")
     assert (after.current_stage, after.tags, after.description) == (
@@ -237,7 +241,7 @@ def test_the_cli_prints_the_failed_check_with_its_numbers_and_stores_policies(
     assert refused.returncode == 2
     assert "unknown key latency.p99" in refused.stderr
 
-    good = write_policy(tmp_path, 'thresholds:\n  accuracy: ">= 0.95"\n')
+    good = write_policy(tmp_path, UNTIMED_LATENCY_YAML + 'thresholds:\n  accuracy: ">= 0.95"\n')
     assert cli("policy", "set", "--model", wine, "--file", good).returncode == 0
     shown = json.loads(cli("policy", "show", "--model", wine, "--json").stdout)
     assert shown["source"] == "model tag stageflow.policy"

@@ -64,7 +64,9 @@ def test_repeating_a_promotion_changes_nothing(two_versions):
     assert len(registry.history(name)) == 1
 
 
-def test_a_version_that_cannot_predict_its_example_is_refused(tracking_uri, model_name):
+def test_a_version_that_cannot_predict_its_example_is_refused(
+    tracking_uri, model_name, untime_promotions
+):
     import mlflow
     import pandas as pd
 
@@ -82,6 +84,7 @@ def test_a_version_that_cannot_predict_its_example_is_refused(tracking_uri, mode
             input_example=wrong,
             skops_trusted_types=artifacts.trusted_types(pipeline),
         )
+    untime_promotions(model_name)
     with pytest.raises(registry.Refused, match="loads_and_predicts: .* fails on its input example"):
         registry.promote(model_name, 1, "Staging")
     assert resolved(model_name)["staging"] is None

@@ -19,7 +19,9 @@ import requests
 from experiments.train import train
 from registry._stages import PRODUCTION, move
 from serving.batch import score
+from serving.controller import BackgroundServe
 from serving.frontdoor import FrontDoorLimits
+from stageflow import processes
 from stageflow.errors import UsageError
 
 pytestmark = pytest.mark.slow
@@ -27,7 +29,8 @@ pytestmark = pytest.mark.slow
 COLUMNS = ["나이", "소득", "지역"]
 TARGET = "이탈"
 REGIONS = ["대구", "부산", "서울"]
-SERVE_TIMEOUT_S = 90.0
+# A cold start is ~15 s idle, several times that on a busy machine.
+SERVE_TIMEOUT_S = 240.0
 
 
 def korean_table(rows: int, seed: int) -> pd.DataFrame:
@@ -173,15 +176,28 @@ def test_abnormal_outputs_are_caught_and_answered_per_policy(tracking_uri, model
         assert guarded.guard.counts["abnormal_output"] == 1
 
 
-@pytest.fixture
-def served(korean_model, start_serving):
-    """``serve`` of the Korean model's version, in Production; stopped after the test."""
+@pytest.fixture(scope="module")
+def served(korean_model, tracking_server, tmp_path_factory):
+    """``serve`` of the Korean model's version, in Production; stopped after the module.
+
+    Shared: the tests that use it only send requests (a cold start is ~15 s or more).
+    """
     name, version = korean_model
-    move(mlflow.MlflowClient(), name, version, PRODUCTION)
+    move(mlflow.MlflowClient(tracking_server.uri), name, version, PRODUCTION)
     # Replicas are test_serve's subject; one starts faster.
-    running = start_serving(name, replicas=1)
-    assert running.wait_serving(timeout=SERVE_TIMEOUT_S) == version
-    return running
+    running = BackgroundServe(
+        name,
+        processes.free_port(),
+        tracking_uri=tracking_server.uri,
+        home=tmp_path_factory.mktemp("served-korean"),
+        poll_interval=0.5,
+        replicas=1,
+    ).start()
+    try:
+        assert running.wait_serving(timeout=SERVE_TIMEOUT_S) == version
+        yield running
+    finally:
+        running.stop()
 
 
 def split_body(frame: pd.DataFrame) -> str:
@@ -232,6 +248,7 @@ def malformed_corpus() -> dict[str, tuple[bytes, str]]:
     }
 
 
+@pytest.mark.xdist_group("served-korean")  # one shared server, one worker
 def test_malformed_requests_get_a_stable_4xx_and_the_server_stays_healthy(served):
     url = served.url + "/invocations"
     pids = list(served.controller.started_pids)
@@ -259,7 +276,10 @@ def test_malformed_requests_get_a_stable_4xx_and_the_server_stays_healthy(served
     assert served.controller.started_pids == pids
 
 
-def test_rest_and_batch_scoring_give_identical_predictions(served, korean_model, tmp_path):
+@pytest.mark.xdist_group("served-korean")  # one shared server, one worker
+def test_rest_and_batch_scoring_give_identical_predictions(
+    tracking_uri, served, korean_model, tmp_path
+):
     name, version = korean_model
     rows = korean_table(50, seed=7).drop(columns=[TARGET])
     source, out = tmp_path / "입력.csv", tmp_path / "결과.csv"

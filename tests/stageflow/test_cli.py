@@ -44,6 +44,8 @@ def assert_one_line_error(result, code: int, *fragments: str):
         (["promote", "--model", "m", "--version", "x", "--to", "Staging"], "not a whole number"),
         (["promote", "--model", "m", "--version", "0", "--to", "Staging"], "at least 1"),
         (["serve", "--model", "m", "--port", "70000"], "not a TCP port"),
+        (["serve", "--model", "m", "--inference-log", "sample:2"], "sample:FRACTION"),
+        (["serve", "--model", "m", "--log-retention", "forever"], "500MB,7d"),
         (["tune", "--data", "builtin:wine"], "--target"),
         (["deploy"], "invalid choice"),
     ],

@@ -55,7 +55,7 @@ def test_a_loopback_host_needs_no_auth_and_a_host_name_is_not_loopback():
 
 @pytest.mark.slow
 def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_with_them(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, untimed_policy
 ):
     monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
     info = server.start(port=processes.free_port(), home=tmp_path, auth=True, tie_to_parent=True)
@@ -90,18 +90,54 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
         )  # fmt: skip
         assert trained.returncode == 0, trained.stderr
         assert json.loads(trained.stdout)["version"] == "1"
+        # Promotion speed is not this test's subject (tests/helpers.py, UNTIMED_LATENCY_YAML).
         for command in (
-            ("promote", "--model", "team-wine", "--version", "1", "--to", "Staging"),
-            ("promote", "--model", "team-wine", "--version", "1", "--to", "Production"),
+            ("policy", "set", "--model", "team-wine", "--file", str(untimed_policy)),
             ("status", "--model", "team-wine", "--json"),
-            ("history", "--model", "team-wine", "--json"),
         ):
             answer = _stageflow(*command, env=creds)
             assert answer.returncode == 0, (command, answer.stderr)
-        status = json.loads(
-            _stageflow("status", "--model", "team-wine", "--json", env=creds).stdout
+
+        # Roles: two promoters take turns through the registry lock; a reader reads only.
+        def user(name, role):
+            made = _stageflow(
+                "server", "user", "add", name, "--role", role, "--model", "team-wine",
+                env=creds | {"STAGEFLOW_USER_PASSWORD": f"{name}-password-long"},
+            )  # fmt: skip
+            assert made.returncode == 0, made.stderr
+            return base | {
+                "MLFLOW_TRACKING_USERNAME": name,
+                "MLFLOW_TRACKING_PASSWORD": f"{name}-password-long",
+            }
+
+        alice, bob, carol = (
+            user("alice", "promoter"),
+            user("bob", "promoter"),
+            user("carol", "reader"),
         )
-        assert status["production"] == "1"
+        staged = _stageflow(
+            "promote", "--model", "team-wine", "--version", "1", "--to", "Staging", env=alice
+        )
+        assert staged.returncode == 0, staged.stderr
+        refused = _stageflow(
+            "promote", "--model", "team-wine", "--version", "1", "--to", "Production", env=carol
+        )
+        assert refused.returncode == 1
+        assert "server user add" in refused.stderr  # names the fix, whichever call said no
+        assert len(refused.stderr.strip().splitlines()) == 1
+        promoted = _stageflow(
+            "promote", "--model", "team-wine", "--version", "1", "--to", "Production", env=bob
+        )
+        assert promoted.returncode == 0, promoted.stderr
+        seen = _stageflow("status", "--model", "team-wine", "--json", env=carol)
+        assert seen.returncode == 0, seen.stderr
+        assert json.loads(seen.stdout)["production"] == "1"
+        assert json.loads(seen.stdout)["problems"] == []
+        history = _stageflow("history", "--model", "team-wine", "--json", env=carol)
+        assert [e["to_stage"] for e in json.loads(history.stdout)["entries"]] == [
+            "Staging",
+            "Production",
+        ]
     finally:
         server.stop(tmp_path)
     assert not processes.group_alive(info.pid)

@@ -1,0 +1,44 @@
+"""Time windows: ``--since 90s|15m|2h|7d`` and the window a monitor run covers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from stageflow.errors import UsageError
+
+DEFAULT_SINCE = "1h"
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90s"``, ``"15m"``, ``"2h"``, ``"7d"`` as a timedelta (the policy's own grammar).
+
+    Raises:
+        UsageError: not a positive duration.
+    """
+    from registry.policy import parse_duration as parse  # noqa: PLC0415 - one grammar
+
+    try:
+        duration = parse(str(text).strip())
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from None
+    if duration <= timedelta(0):
+        raise UsageError(f"--since: {text!r} is not a positive duration (like 15m or 2h)")
+    return duration
+
+
+@dataclass(frozen=True)
+class Window:
+    """``[start, end)`` in UTC, and the ``since`` text it was made from."""
+
+    start: datetime
+    end: datetime
+    since: str
+
+    @classmethod
+    def ending_now(cls, since: str = DEFAULT_SINCE, now: datetime | None = None) -> Window:
+        end = now or datetime.now(UTC)
+        return cls(end - parse_duration(since), end, since)
+
+    def label(self) -> str:
+        return f"{self.start:%Y-%m-%d %H:%M:%S} to {self.end:%Y-%m-%d %H:%M:%S} UTC"
