@@ -6,13 +6,27 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stageflow-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-loaded unit lint format bench bench-tuning bench-serving bench-deps ui-deps clean
+.PHONY: demo test test-loaded unit lint format bench bench-tuning bench-serving bench-deps ui-deps airflow-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# Airflow (`stageflow[airflow]`, for dags/ and tests/test_dags.py) gets a venv of its own:
+# it pins fastapi below what the dev venv resolves (0.136 vs 0.165), and the scheduler is
+# not something Stageflow's own processes need.
+AIRFLOW_VENV := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.stageflow-installed
+
+$(AIRFLOW_STAMP): pyproject.toml
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet -e '.[airflow]'
+	touch $(AIRFLOW_STAMP)
+
+airflow-venv: $(AIRFLOW_STAMP)
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/stageflow demo

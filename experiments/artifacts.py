@@ -25,7 +25,7 @@ from mlflow.models import ModelSignature, infer_signature
 from experiments import evaluate
 from experiments.data import BUILTIN_PREFIX, Splits
 from experiments.families import split_columns
-from monitoring import reference
+from monitoring import reference as monitoring_reference
 from serving import guarded_model
 from stageflow.catalog import TEST_SPLIT_ARTIFACT
 from stageflow.errors import StageflowError
@@ -200,14 +200,16 @@ def log_pipeline(
         contract_path = Path(tmp) / "contract.json"
         contract_path.write_text(json.dumps(contract, ensure_ascii=False, indent=1))
         # What monitoring compares live traffic with (artifacts/reference.json of the model).
-        reference_path = reference.write(reference.for_pipeline(pipeline, splits, task), tmp)
+        reference_path = monitoring_reference.write(
+            monitoring_reference.for_pipeline(pipeline, splits, task), tmp
+        )
         return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=Path(guarded_model.__file__),
             artifacts={
                 guarded_model.PIPELINE: str(pipeline_path),
                 guarded_model.CONTRACT: str(contract_path),
-                reference.ARTIFACT_KEY: str(reference_path),
+                monitoring_reference.ARTIFACT_KEY: str(reference_path),
             },
             model_config=dict(guarded_model.LOGGED_CONFIG),
             signature=ModelSignature(outputs=outputs),

@@ -23,16 +23,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from monitoring.window import Window
+from serving import inference_log
 
 logger = logging.getLogger(__name__)
 
-# The names the writer and the reader agree on (MONITORING_CONTRACT.md).
-INFERENCE_EXPERIMENT = "stageflow-inference"
-MODEL_TAG, VERSION_TAG, KIND_TAG = "stageflow.model", "stageflow.version", "stageflow.kind"
-INFERENCE_KIND = "inference-log"
-SEGMENTS = "segments"
-INPUT_PREFIX = "input."
-TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"
+# The names the writer and the reader agree on (MONITORING_CONTRACT.md), from the writer.
+INFERENCE_EXPERIMENT = inference_log.EXPERIMENT
+MODEL_TAG, VERSION_TAG = inference_log.TAG_MODEL, inference_log.TAG_VERSION
+KIND_TAG, INFERENCE_KIND = inference_log.TAG_KIND, inference_log.KIND
+SEGMENTS = inference_log.SEGMENTS_DIR
+INPUT_PREFIX = inference_log.INPUT_PREFIX
+TIME_FORMAT = inference_log.SEGMENT_TIME_FORMAT
 BATCH_ROWS = 65_536
 DOWNLOAD_THREADS = 4
 # Text columns whose values are (nearly) all different: read as plain strings.

@@ -73,6 +73,7 @@ def transition(
     policy: Policy | None = None,
     allow_breaking: str = "",
     dry_run: bool = False,
+    evidence_run: str = "",
 ) -> TransitionResult:
     """Gate, record and perform moving ``version`` of ``model`` to ``to_stage``.
 
@@ -100,12 +101,16 @@ def transition(
         result.repaired = repaired
         if _already_there(client, model, version, to_stage):
             return result
-        return _transition_locked(client, lease, result, version, checks, policy, allow_breaking)
+        return _transition_locked(
+            client, lease, result, version, checks, policy, allow_breaking, evidence_run
+        )
     finally:
         lease.release()
 
 
-def _transition_locked(client, lease, result, version, checks, policy, allow_breaking):
+def _transition_locked(
+    client, lease, result, version, checks, policy, allow_breaking, evidence_run=""
+):
     model, to_stage, action = result.model, result.to_stage, result.action
     entry = ledger.begin(
         client,
@@ -117,6 +122,7 @@ def _transition_locked(client, lease, result, version, checks, policy, allow_bre
             action=action,
             actor=ledger.actor(),
             reason=result.reason,
+            evidence_run=evidence_run,
         ),
     )
     result.ledger_run_id = entry.run_id

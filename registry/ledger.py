@@ -48,6 +48,7 @@ class Entry:
     run_id: str = ""
     detail: str = ""
     report: str = ""  # the gate report artifact, runs:/<ledger run>/gate_report.md
+    evidence_run: str = ""  # the run that prompted it, e.g. the monitoring run of an auto-rollback
 
     def to_json(self) -> dict:
         record = asdict(self)
@@ -178,6 +179,7 @@ def _tags(entry: Entry) -> dict[str, str]:
         f"{TAG}archived": ",".join(entry.archived),
         f"{TAG}detail": entry.detail[:4000],
         f"{TAG}report": entry.report,
+        f"{TAG}evidence_run": entry.evidence_run,
     }
 
 
@@ -204,6 +206,7 @@ def _from_run(run) -> Entry:
         run_id=run.info.run_id,
         detail=tag("detail"),
         report=tag("report"),
+        evidence_run=tag("evidence_run"),
     )
 
 

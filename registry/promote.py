@@ -22,6 +22,7 @@ def promote(
     dry_run: bool = False,
     allow_breaking: str = "",
     policy_file: str | None = None,
+    evidence_run: str = "",
 ) -> TransitionResult:
     """Move ``version`` of ``model`` into ``to`` (Staging or Production) if its gate passes.
 
@@ -35,6 +36,7 @@ def promote(
         allow_breaking: why an input-schema change that breaks the Production
             version's clients is accepted (recorded in the report); empty refuses it.
         policy_file: a YAML/JSON policy for this promotion instead of the model's own.
+        evidence_run: the run that prompted it (e.g. a retrain's), kept in the ledger entry.
 
     Example:
         >>> promote("wine", 3, "Staging", reason="beats v2 on test accuracy")
@@ -60,4 +62,5 @@ def promote(
         policy=policy,
         allow_breaking=(allow_breaking or "").strip(),
         dry_run=dry_run,
+        evidence_run=evidence_run,
     )

@@ -23,13 +23,19 @@ def rollback_target(client, model: str) -> str:
 
 
 def rollback(
-    model: str, to=None, reason: str = "", tracking_uri: str | None = None
+    model: str,
+    to=None,
+    reason: str = "",
+    tracking_uri: str | None = None,
+    *,
+    evidence_run: str = "",
 ) -> TransitionResult:
     """Put the previous Production version (or ``to``) back into Production.
 
     The current Production version is archived and the rollback is a ledger
     entry of its own. Rollback skips comparisons -- it is the emergency exit --
-    but the target must still load and predict.
+    but the target must still load and predict. ``evidence_run`` names the run that
+    prompted it (``stageflow watch`` links its monitoring run) in the ledger entry.
 
     Raises:
         StageflowError: nothing is in Production, or there is nothing to go back to.
@@ -54,4 +60,5 @@ def rollback(
         ledger.ROLLBACK,
         gates.ROLLBACK_GATE,
         reason or f"rollback from version {current}",
+        evidence_run=evidence_run,
     )

@@ -118,8 +118,8 @@ def start(
 def prove_ready(replica: Replica, version: str, example: str | None) -> bool:
     """One step of proving a starting replica: ``/ping``, then the version's own input example.
 
-    Does not wait: the controller calls it on every poll until it returns True,
-    and routes a version only once every replica of its slot has.
+    Does not wait: the supervisor (``serving._supervisor``) calls it on every
+    poll until it returns True; a version is routed once one replica of its slot has.
 
     Returns:
         False while the server does not answer ``/ping`` yet; True once it

@@ -16,6 +16,7 @@ import time
 
 from stageflow.cli import (
     demo,
+    loop,
     monitor,
     policy,
     promote,
@@ -31,7 +32,7 @@ from stageflow.errors import StageflowError
 __all__ = ["build_parser", "main"]
 
 # In the order `stageflow --help` lists them.
-COMMAND_GROUPS = (server, train, promote, status, policy, serve, score, monitor, demo)
+COMMAND_GROUPS = (server, train, promote, status, policy, serve, score, monitor, loop, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
