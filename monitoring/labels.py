@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from monitoring import read
+from stageflow import tracking
 from stageflow.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ def _target(client, model: str) -> str:
     if not versions:
         raise UsageError(f"model {model!r} has no versions; train one first")
     latest = max(versions, key=lambda v: int(v.version))
-    return client.get_run(latest.run_id).data.params.get("target", "target")
+    # Unquoted: `mlflow run` logs its params shell-quoted (stageflow.tracking.plain_params).
+    return tracking.plain_params(client.get_run(latest.run_id)).get("target", "target")
 
 
 def _read(path: str | Path) -> pd.DataFrame:

@@ -149,11 +149,13 @@ def from_test_split(client, run_id: str, model_uri: str, tmp: str) -> dict:
     """A reference for a version logged before references: its test split and its answers."""
     import mlflow  # noqa: PLC0415
 
+    from stageflow import tracking  # noqa: PLC0415
     from stageflow.catalog import TEST_SPLIT_ARTIFACT  # noqa: PLC0415
 
     run = client.get_run(run_id)
-    target = run.data.params.get("target", "target")
-    task = run.data.tags.get("stageflow.task") or run.data.params.get("task", "regression")
+    params = tracking.plain_params(run)  # unquoted: `mlflow run` logs its params quoted
+    target = params.get("target", "target")
+    task = run.data.tags.get("stageflow.task") or params.get("task", "regression")
     path = mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path=TEST_SPLIT_ARTIFACT, dst_path=tmp
     )

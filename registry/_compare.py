@@ -25,6 +25,7 @@ from scipy import stats
 
 from registry import ledger
 from registry.policy import ComparisonPolicy
+from stageflow import tracking
 from stageflow.catalog import CLASSIFICATION, PRIMARY_METRIC, TEST_SPLIT_ARTIFACT
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ def compare(ctx: GateContext, champion: str) -> Comparison:
         return Comparison(
             False, f"version {ctx.version.version} was not trained by Stageflow (no task)"
         )
-    target = run.data.params.get(TARGET_PARAM)
+    # Read back unquoted: under `mlflow run` the runner's record of it is shell-quoted.
+    target = tracking.plain_params(run).get(TARGET_PARAM)
     try:
         frame = _test_split(run.info.run_id)
     except Exception as exc:  # noqa: BLE001 - a missing split is the verdict

@@ -27,8 +27,8 @@ HOME_ENV = "STAGEFLOW_HOME"
 # The tag `mlflow run` puts on the run it creates and logs the entry point's params on.
 # (Its MLFLOW_RUN_ID variable is no signal: `mlflow.start_run` deletes it as it resumes.)
 PROJECT_ENTRY_POINT_TAG = "mlflow.project.entryPoint"
-# The keys whose value on the run is the project runner's shell-quoted form (a JSON list).
-QUOTED_PARAMS_TAG = "stageflow.quoted_params"
+# The keys the project runner logged, shell-quoted, on the run (a JSON list).
+RUNNER_PARAMS_TAG = "stageflow.runner_params"
 # Where a value of ours that differs from the runner's (e.g. a resolved path) is kept.
 RESOLVED_PARAM_TAG_PREFIX = "stageflow.param."
 # One cheap API route any authenticated user may call: it proves the server's API answers us.
@@ -117,30 +117,33 @@ def log_params(params: dict) -> None:
 
     ``mlflow run`` logs each entry point parameter on the run it creates, shell-quoted
     (``target`` = ``'이름 열'``), and a param's value can never change, so logging the
-    plain value again is refused (issue 10). Inside the runner's run, a key it already
-    logged is left as it is: when its value is the quoted form of ours the key is listed
-    in the ``stageflow.quoted_params`` tag (:func:`plain_params` reads it back); any other
-    difference (a path we resolved) keeps our value in a ``stageflow.param.KEY`` tag.
-    Outside ``mlflow run`` this is ``mlflow.log_params``.
+    plain value again is refused (issue 10). Inside the runner's run, the keys it logged
+    are listed in the ``stageflow.runner_params`` tag (:func:`plain_params` undoes their
+    quoting) and left as they are; a value of ours that is not what the runner was given
+    (a path we resolved) is kept in a ``stageflow.param.KEY`` tag. Outside ``mlflow run``
+    this is ``mlflow.log_params``.
     """
     run = mlflow.active_run()
     if run is None or PROJECT_ENTRY_POINT_TAG not in run.data.tags:
         mlflow.log_params(params)
         return
     logged = MlflowClient().get_run(run.info.run_id).data
-    quoted = set(json.loads(logged.tags.get(QUOTED_PARAMS_TAG, "[]")))
-    fresh, tags = {}, {}
+    tags = {}
+    if RUNNER_PARAMS_TAG in logged.tags:
+        runner = set(json.loads(logged.tags[RUNNER_PARAMS_TAG]))
+    else:  # the first call: every param on the run so far is the runner's
+        runner = set(logged.params)
+        tags[RUNNER_PARAMS_TAG] = json.dumps(sorted(runner), ensure_ascii=False)
+    fresh = {}
     for key, value in params.items():
         text, before = str(value), logged.params.get(key)
         if before is None:
             fresh[key] = value
-        elif before != text and before == _runner_quote(text):
-            quoted.add(key)
-        elif before != text:
+        elif key in runner and _runner_quote(text) != before:
             logger.debug("param %s: mlflow run logged %r, Stageflow used %r", key, before, text)
             tags[RESOLVED_PARAM_TAG_PREFIX + key] = text
-    if quoted:
-        tags[QUOTED_PARAMS_TAG] = json.dumps(sorted(quoted), ensure_ascii=False)
+        elif key not in runner and before != text:
+            fresh[key] = value  # ours, changed: let MLflow refuse it as it would anywhere
     if tags:
         mlflow.set_tags(tags)
     if fresh:
@@ -148,7 +151,7 @@ def log_params(params: dict) -> None:
 
 
 def plain_params(run) -> dict[str, str]:
-    """A run's params as Stageflow used them: the runner's quoting undone, resolved values.
+    """A run's params as Stageflow used them: the runner's quoting undone, our resolved values.
 
     Read params of a run back through this, not ``run.data.params``, wherever the value
     matters (a retrain reading ``data`` and ``target``): under ``mlflow run`` they may be
@@ -156,10 +159,10 @@ def plain_params(run) -> dict[str, str]:
     """
     params = dict(run.data.params)
     tags = run.data.tags
-    for key in json.loads(tags.get(QUOTED_PARAMS_TAG, "[]")):
+    for key in json.loads(tags.get(RUNNER_PARAMS_TAG, "[]")):
         if key in params:
             tokens = shlex.split(params[key])
-            params[key] = tokens[0] if len(tokens) == 1 else ""
+            params[key] = tokens[0] if len(tokens) == 1 else params[key]
     for tag, value in tags.items():
         if tag.startswith(RESOLVED_PARAM_TAG_PREFIX):
             params[tag.removeprefix(RESOLVED_PARAM_TAG_PREFIX)] = value
