@@ -43,7 +43,7 @@ demo: $(STAMP)
 # whichever worker is free; tests marked xdist_group share a server on one worker.
 TEST_WORKERS ?= 2
 
-test: $(SPARK_STAMP)
+test: $(SPARK_STAMP) $(AIRFLOW_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) \
 		--dist loadgroup --no-loadscope-reorder
 
