@@ -23,7 +23,11 @@ def project_run(tmp_path, monkeypatch):
     for key, value in {"target": "이탈 여부", "data": "it's.csv", "seed": "42"}.items():
         client.log_param(run.info.run_id, key, shlex.quote(value))
     client.log_param(run.info.run_id, "input", "in.csv")
+    # As the runner leaves them: the run and its experiment in the environment. The fluent
+    # API's active experiment (another test's, in this worker) is put back afterwards.
     monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     yield client, run.info.run_id
     mlflow.end_run()
 
