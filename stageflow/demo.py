@@ -7,6 +7,7 @@ Every step calls the same functions as the CLI; serving runs as a real
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import time
 
@@ -58,6 +59,20 @@ def _wait_for_version(url: str, rows, version: str, timeout: float = SWITCH_TIME
 
 
 def run_demo(tracking_port: int = 5000, serve_port: int = 8080) -> int:
+    """The narrated demo; SIGTERM stops it as Ctrl-C does, stopping what it started."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run_demo(tracking_port, serve_port)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    # SIGTERM's default ends the process without `finally`: the servers would outlive it.
+    raise KeyboardInterrupt
+
+
+def _run_demo(tracking_port: int, serve_port: int) -> int:
     from experiments import data  # noqa: PLC0415
     from experiments.train import train  # noqa: PLC0415
     from registry import (  # noqa: PLC0415

@@ -1,5 +1,7 @@
 """`make demo` runs `stageflow demo`: the story completes, and it leaves nothing running."""
 
+import json
+import signal
 import subprocess
 import sys
 
@@ -53,3 +55,28 @@ def test_the_demo_tells_the_whole_story_and_cleans_up(tmp_path):
     assert not processes.port_in_use("127.0.0.1", tracking_port)
     assert not processes.port_in_use("127.0.0.1", serve_port)
     assert processes_mentioning(str(home)) == []
+
+
+def test_a_demo_stopped_by_sigterm_stops_the_servers_it_started(tmp_path):
+    home = tmp_path / "home"
+    tracking_port, serve_port = processes.free_port(), processes.free_port()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "stageflow", "demo", "--port", str(tracking_port),
+         "--serve-port", str(serve_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=processes.venv_env({"STAGEFLOW_HOME": str(home)}),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        processes.wait_until(
+            lambda: (home / "server.json").exists(), timeout=300, proc=demo, what="the demo"
+        )
+        server_pid = json.loads((home / "server.json").read_text())["pid"]
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=120) == 130, demo.stderr.read().decode()[-2000:]
+    finally:
+        if demo.poll() is None:
+            processes.stop_group(demo.pid)
+    assert not processes.group_alive(server_pid)
+    assert not processes.port_in_use("127.0.0.1", tracking_port)
