@@ -142,7 +142,7 @@ def main() -> int:
         training = home / "deliveries.csv"
         delivery_table(20_000, seed=0).to_csv(training, index=False)
         trained = train(str(training), TARGET, "deliveries", opts.family, tracking_uri=info.uri)
-        from mlflow import MlflowClient  # noqa: PLC0415
+        from mlflow import MlflowClient
 
         move(MlflowClient(info.uri), "deliveries", trained.version, PRODUCTION)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from serving.inference_log import (  # noqa: E402
+from serving.inference_log import (
     InferenceLog,
     LogSettings,
     RequestIds,

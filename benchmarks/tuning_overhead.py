@@ -106,7 +106,7 @@ class _ClientRuns(_trial_runs.TrialRuns):
 
     def __init__(self, tracking_uri, *args, **kwargs):
         super().__init__(tracking_uri, *args, **kwargs)
-        self.calls = _trial_runs._ClientCalls(tracking_uri)  # noqa: SLF001
+        self.calls = _trial_runs._ClientCalls(tracking_uri)
 
 
 class _Timed:

@@ -97,5 +97,5 @@ class TuneProgress:
         while not self._stop.wait(self.interval):
             try:
                 self.draw()
-            except Exception:  # noqa: BLE001 - a busy storage only delays the bar
+            except Exception:  # a busy storage only delays the bar
                 logger.debug("progress: the study could not be read", exc_info=True)

@@ -10,14 +10,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: plots go to files, never to a window
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
-from sklearn import metrics  # noqa: E402
-from sklearn.inspection import permutation_importance  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib import font_manager
+from sklearn import metrics
+from sklearn.inspection import permutation_importance
 
-from stageflow.catalog import CLASSIFICATION, PRIMARY_METRIC  # noqa: E402, F401
+from stageflow.catalog import CLASSIFICATION, PRIMARY_METRIC  # noqa: F401
 
 # The metric each task is judged by, and whether bigger is better.
 IMPORTANCE_MAX_ROWS = 2000

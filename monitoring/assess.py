@@ -184,7 +184,7 @@ def _roles(client, model: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
     try:
-        versions = client.search_model_versions(f"name='{read._quote(model)}'")
+        versions = client.search_model_versions(f"name='{read.quote_value(model)}'")
     except MlflowException:
         versions = []
     if not versions:

@@ -151,7 +151,7 @@ def load_labels(client, model: str) -> dict[tuple[str, ...], pd.DataFrame]:
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`stageflow.kind` = '{FEEDBACK_KIND}' "
-        f"and tags.`stageflow.model` = '{read._quote(model)}'",
+        f"and tags.`stageflow.model` = '{read.quote_value(model)}'",
         order_by=["attributes.start_time ASC"],
         max_results=10_000,
     )
@@ -172,7 +172,7 @@ def _target(client, model: str) -> str:
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
     try:
-        versions = client.search_model_versions(f"name='{read._quote(model)}'")
+        versions = client.search_model_versions(f"name='{read.quote_value(model)}'")
     except MlflowException:
         versions = []
     if not versions:
@@ -254,7 +254,9 @@ def _log(client, model: str, table: pd.DataFrame, key, source, result: FeedbackR
             run_id,
             datasets=[
                 DatasetInput(
-                    dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "labels")]
+                    # MLflow has no public way to turn a dataset into the entity a run logs.
+                    dataset._to_mlflow_entity(),  # noqa: SLF001
+                    [InputTag("mlflow.data.context", "labels")],
                 )
             ],
         )

@@ -72,7 +72,7 @@ def log_runs(client, model: str, versions=None) -> dict[str, str]:
         return {}
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{MODEL_TAG}` = '{_quote(model)}' "
+        filter_string=f"tags.`{MODEL_TAG}` = '{quote_value(model)}' "
         f"and tags.`{KIND_TAG}` = '{INFERENCE_KIND}'",
         max_results=1000,
     )
@@ -191,5 +191,6 @@ def read_log(model: str, since=None, tracking_uri: str | None = None, versions=N
     return pd.concat(frames, ignore_index=True)
 
 
-def _quote(text: str) -> str:
+def quote_value(text: str) -> str:
+    """``text`` inside an MLflow filter string's single quotes (a name may hold ``'``)."""
     return str(text).replace("'", "\\'")

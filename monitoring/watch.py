@@ -464,7 +464,7 @@ def watch(
             )
         except UsageError:
             raise
-        except Exception as exc:  # noqa: BLE001 - one bad window must not end the watch
+        except Exception as exc:  # one bad window must not end the watch
             if once:
                 raise
             logger.error("%s: this window failed, the next runs in %s: %s", model, every, exc)

@@ -74,7 +74,7 @@ def experiment_id(client: MlflowClient) -> str:
         return experiment.experiment_id
     try:
         return client.create_experiment(LEDGER_EXPERIMENT, tags={"stageflow.kind": "ledger"})
-    except Exception:  # noqa: BLE001 - created meanwhile by another promoter
+    except Exception:  # created meanwhile by another promoter
         experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
         if experiment is None:
             raise

@@ -330,7 +330,7 @@ def load_file(path: str | Path) -> Policy:
     if not path.is_file():
         raise UsageError(f"policy file {path} does not exist")
     try:
-        document = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - safe loader
+        document = yaml.load(path.read_text(), Loader=_StrictLoader)  # safe loader
     except _DuplicateKey as exc:
         raise UsageError(f"policy file {path}: {exc}") from None
     except yaml.YAMLError as exc:

@@ -173,7 +173,7 @@ class Effects:
             slot.example = _model_server.serving_example(self.model_name, version)
             for replica in slot.replicas:
                 self.supervisor.start(slot, replica)
-        except Exception as exc:  # e.g. the registry could not give the model: the plan retries
+        except Exception as exc:  # noqa: BLE001 - e.g. the registry could not give the model: the plan retries
             slot.failure = f"{type(exc).__name__}: {exc}"
             return
         if slot.example is None:

@@ -360,7 +360,7 @@ def session(master: str = DEFAULT_MASTER) -> Iterator:
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     java_options = f"-Djava.io.tmpdir={scratch} -Dlog4j2.configurationFile=file:{log4j}"
-    started_jvm = SparkContext._gateway is None
+    started_jvm = SparkContext._gateway is None  # noqa: SLF001 - pyspark has no public "is a JVM up"
     logging.getLogger("py4j").setLevel(logging.WARNING)
     spark = None
     try:
@@ -396,7 +396,7 @@ def session(master: str = DEFAULT_MASTER) -> Iterator:
 
 def _stop_jvm(context_class) -> None:
     """Stop the JVM pyspark started for this process (it would outlive ``spark.stop()``)."""
-    gateway = context_class._gateway
+    gateway = context_class._gateway  # noqa: SLF001 - shutting the JVM down is private in pyspark
     if gateway is None:
         return
     process = getattr(gateway, "proc", None)
@@ -404,8 +404,8 @@ def _stop_jvm(context_class) -> None:
         gateway.shutdown()
     except Exception:  # noqa: BLE001 - already gone
         logger.debug("the Spark gateway was already closed")
-    context_class._gateway = None
-    context_class._jvm = None
+    context_class._gateway = None  # noqa: SLF001
+    context_class._jvm = None  # noqa: SLF001
     if process is not None:
         # The JVM exits when its stdin closes (pyspark's PythonGatewayServer watches it).
         if process.stdin is not None:

@@ -349,7 +349,7 @@ class Controller:
             production = registry.current_version(
                 self._client, self.model_name, registry.PRODUCTION
             )
-        except Exception as exc:  # whatever the registry did, keep serving what serves
+        except Exception as exc:  # noqa: BLE001 - whatever the registry did, keep serving what serves
             self._note_registry_error(exc)
             return None
         if self._registry_error is not None:
@@ -467,7 +467,7 @@ class BackgroundServe:
     def _run(self) -> None:
         try:
             self.controller.run(self._stop)
-        except BaseException as exc:  # handed to the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             self._error = exc
 
     def _raise_if_failed(self) -> None:

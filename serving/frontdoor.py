@@ -109,8 +109,8 @@ def render_caddyfile(
     port: int,
     slots: list[Slot],
     health_port: int,
-    timings: FrontDoorTimings = FrontDoorTimings(),  # noqa: B008 - frozen, so safe to share
-    limits: FrontDoorLimits = FrontDoorLimits(),  # noqa: B008 - frozen
+    timings: FrontDoorTimings = FrontDoorTimings(),  # frozen, so safe to share
+    limits: FrontDoorLimits = FrontDoorLimits(),  # frozen
     metrics_port: int | None = None,
 ) -> str:
     """The whole, fixed front-door configuration.
@@ -215,8 +215,8 @@ class FrontDoor:
         slots: list[Slot],
         health_port: int,
         directory: Path,
-        timings: FrontDoorTimings = FrontDoorTimings(),  # noqa: B008 - frozen
-        limits: FrontDoorLimits = FrontDoorLimits(),  # noqa: B008 - frozen
+        timings: FrontDoorTimings = FrontDoorTimings(),  # frozen
+        limits: FrontDoorLimits = FrontDoorLimits(),  # frozen
         metrics_port: int | None = None,
     ):
         self.port = port

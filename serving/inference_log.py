@@ -479,7 +479,7 @@ class InferenceLog:
                 partial.unlink(missing_ok=True)
             self._drop(rows, f"cannot write {path}: {exc.strerror or exc}")
             return
-        except Exception as exc:  # noqa: BLE001 - a bad row must never stop the writer
+        except Exception as exc:  # a bad row must never stop the writer
             logger.exception("inference log: could not build a segment")
             self._drop(rows, f"could not build a segment: {type(exc).__name__}")
             return
@@ -842,7 +842,7 @@ def in_model_server() -> bool:
     """Whether this process is MLflow's scoring server (``mlflow models serve``)."""
     from mlflow.pyfunc import scoring_server  # noqa: PLC0415
 
-    return scoring_server._SERVER_MODEL_PATH in os.environ
+    return scoring_server._SERVER_MODEL_PATH in os.environ  # noqa: SLF001 - set only by `models serve`
 
 
 def attach(guard, classify: bool, config: dict) -> InferenceLog | None:

@@ -55,7 +55,7 @@ def port_in_use(host: str, port: int) -> bool:
 def _die_with_parent() -> None:
     """In the child: receive SIGTERM when the parent dies, so a killed owner leaks nothing."""
     with contextlib.suppress(Exception):
-        import ctypes
+        import ctypes  # noqa: PLC0415 - in the forked child only
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
@@ -77,7 +77,7 @@ def spawn(
     thread ends, so stop such children before the thread returns.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+    log = open(log_path, "ab")  # handed to the child, closed below
     try:
         return subprocess.Popen(
             list(args),

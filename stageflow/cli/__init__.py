@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stageflow {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - one line, and the full trace only with -v
+    except Exception as exc:  # one line, and the full trace only with -v
         if args.verbose:
             raise
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]

@@ -270,7 +270,7 @@ def test_off_logs_nothing_and_sample_logs_a_fraction_both_answering_with_request
 def test_batch_scoring_logs_batch_rows_under_its_run_id_with_the_file_row_numbers(
     client, register_versions, model_name, features, tmp_path
 ):
-    from serving.batch import score  # noqa: PLC0415
+    from serving.batch import score
 
     v1, _ = register_versions(model_name)
     move(client, model_name, v1, PRODUCTION)
