@@ -149,9 +149,10 @@ def test_a_version_logged_without_a_reference_is_compared_with_its_test_split(
 
     draw(1500, seed=2).to_parquet(tmp_path / "old.parquet")
     # As a version logged before references: the model holds no reference.json.
-    monkeypatch.setattr(reference, "FILE_NAME", "not-a-reference.json")
-    trained = train(str(tmp_path / "old.parquet"), "label", model_name=model_name, family="lr")
-    monkeypatch.undo()
+    # (Its own context: `monkeypatch.undo()` would also undo the fixture's tracking URI.)
+    with monkeypatch.context() as patch:
+        patch.setattr(reference, "FILE_NAME", "not-a-reference.json")
+        trained = train(str(tmp_path / "old.parquet"), "label", model_name=model_name, family="lr")
     import mlflow
 
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{trained.version}")
