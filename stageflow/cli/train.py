@@ -45,6 +45,22 @@ def add_data_check(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """What train and tune share after their own options: task, experiment, data check,
+    tracking server and output."""
+    parser.add_argument(
+        "--task",
+        choices=catalog.TASKS,
+        help="override the detected task (classification/regression)",
+    )
+    parser.add_argument(
+        "--experiment", metavar="NAME", help="MLflow experiment (default: model name)"
+    )
+    add_data_check(parser)
+    add_tracking(parser)
+    add_json(parser)
+
+
 def add_commands(commands) -> None:
     train = commands.add_parser(
         "train",
@@ -77,17 +93,7 @@ def add_commands(commands) -> None:
         help="estimator hyperparameter, repeatable (e.g. --param max_depth=3)",
     )
     train.add_argument("--seed", type=int, default=42, help="split and model seed (default 42)")
-    train.add_argument(
-        "--task",
-        choices=catalog.TASKS,
-        help="override the detected task (classification/regression)",
-    )
-    train.add_argument(
-        "--experiment", metavar="NAME", help="MLflow experiment (default: model name)"
-    )
-    add_data_check(train)
-    add_tracking(train)
-    add_json(train)
+    add_run_options(train)
 
     tune = commands.add_parser(
         "tune",
@@ -148,17 +154,7 @@ def add_commands(commands) -> None:
         "--folds", type=positive_int, default=3, metavar="K", help="CV folds (default 3)"
     )
     tune.add_argument("--seed", type=int, default=42, help="split and sampler seed (default 42)")
-    tune.add_argument(
-        "--task",
-        choices=catalog.TASKS,
-        help="override the detected task (classification/regression)",
-    )
-    tune.add_argument(
-        "--experiment", metavar="NAME", help="MLflow experiment (default: model name)"
-    )
-    add_data_check(tune)
-    add_tracking(tune)
-    add_json(tune)
+    add_run_options(tune)
 
 
 def run_train(args) -> int:
