@@ -338,7 +338,7 @@ class Controller:
         """The registry's (Production, Staging) versions; None if the registry is away."""
         try:
             if self.uri.startswith(("http://", "https://")) and not processes.http_ok(
-                self.uri.rstrip("/") + "/health", timeout=2.0
+                self.uri.rstrip("/") + "/health", timeout=2.0, verify=tracking.tls_verify()
             ):
                 # Checked first: MLflow's client retries a dead server for minutes.
                 raise ConnectionError("its /health does not answer")

@@ -10,11 +10,13 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
 import requests
+import urllib3
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +188,16 @@ def wait_until(
     )
 
 
-def http_ok(url: str, timeout: float = 1.0) -> bool:
+def http_ok(url: str, timeout: float = 1.0, verify: bool | str = True) -> bool:
+    """Whether ``url`` answers 200; ``verify`` is requests' (a CA bundle's path, or a bool).
+
+    ``verify=False`` is for probing our own child on loopback, which gets no secret: its
+    warning would only be noise.
+    """
     try:
-        return requests.get(url, timeout=timeout).status_code == 200
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+            return requests.get(url, timeout=timeout, verify=verify).status_code == 200
     except requests.RequestException:
         return False
 

@@ -31,7 +31,11 @@ A server others reach must not be open to them: a non-loopback ``host`` is refus
 unless ``auth`` turns on MLflow's basic-auth app (or the caller insists with
 ``insecure_no_auth``). With ``auth``, the admin user is ``admin`` with its password
 from ``STAGEFLOW_ADMIN_PASSWORD``, new users have no permissions until granted, and
-the auth database lives beside the tracking data. Secrets stay out of files and
+the auth database lives beside the tracking data. Basic auth sends the password with
+every call, so off loopback it needs ``tls``: Caddy (already Stageflow's front door)
+then terminates HTTPS on ``host:port``, with its internal CA (the root certificate is
+kept under ``STAGEFLOW_HOME`` for clients to trust) or the given certificate files, and
+``mlflow server`` itself listens on a free loopback port only. Secrets stay out of files and
 command lines: the store URIs reach ``mlflow server`` through its own environment
 variables, ``server.json`` records them masked, and ``STAGEFLOW_HOME`` is owner-only.
 """
@@ -76,6 +80,12 @@ AUTH_DB_FILE = "basic_auth.db"
 # tracking call from paying it (a changed password is honoured within that minute).
 AUTH_CACHE_TTL_S = 60
 
+# HTTPS through Caddy (`--tls`): its files live in this folder under STAGEFLOW_HOME.
+TLS_DIR = "tls"
+TLS_LOG_FILE = "caddy.log"
+# Where Caddy's internal CA keeps its root, under the storage folder it is given.
+INTERNAL_ROOT = Path("pki", "authorities", "local", "root.crt")
+
 
 @dataclass
 class ServerInfo:
@@ -89,10 +99,27 @@ class ServerInfo:
     reused: bool = False
     started: float | None = None  # the process's start time: with the pid, its identity
     stale: bool = False  # set by stop(): the recorded pid is no longer this server
+    tls: bool = False
+    ca_cert: str | None = None  # the internal CA's root, for MLFLOW_TRACKING_SERVER_CERT_PATH
+    proxy_pid: int | None = None  # Caddy, terminating HTTPS in front of the server
+    proxy_started: float | None = None
+    upstream_port: int | None = None  # mlflow server's own port behind Caddy (loopback)
 
     @property
     def uri(self) -> str:
+        if self.tls:
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+            return f"https://{host}:{self.port}"
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def verify(self) -> bool | str:
+        """How a client on this machine checks the server's certificate."""
+        if not self.tls:
+            return True
+        # A given certificate names the hosts clients use, perhaps not 127.0.0.1: the
+        # readiness probe of our own child on loopback sends nothing secret.
+        return self.ca_cert or False
 
 
 def _state_path(home: Path) -> Path:
@@ -194,6 +221,9 @@ def start(
     auth: bool = False,
     allowed_hosts: str | None = None,
     insecure_no_auth: bool = False,
+    tls: bool = False,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
 ) -> ServerInfo:
     """Start the tracking server, or return the healthy one already running from ``home``.
 
@@ -202,6 +232,8 @@ def start(
         allowed_hosts: the Host names MLflow answers (``--allowed-hosts``), e.g. the DNS
             name colleagues use; MLflow answers 403 to any other.
         insecure_no_auth: bind a non-loopback ``host`` without authentication anyway.
+        tls: answer HTTPS only, through Caddy, with its internal CA unless ``tls_cert`` and
+            ``tls_key`` (PEM files) are given.
 
     Raises:
         UsageError: the port is taken by something that is not our server; a public
@@ -209,6 +241,10 @@ def start(
         StageflowError: the server exited or did not become healthy.
     """
     check_exposure(host, auth, insecure_no_auth)
+    tls = check_tls(tls, tls_cert, tls_key)
+    warning = transport_warning(host, auth, tls)
+    if warning:
+        logger.warning(warning)
     if auth and not os.environ.get(ADMIN_PASSWORD_ENV):
         raise UsageError(
             f"--auth needs the admin password in {ADMIN_PASSWORD_ENV} "
@@ -222,7 +258,7 @@ def start(
         )
     home = private_dir(home or tracking.home())
     current = read_state(home)
-    if current and processes.http_ok(current.uri + "/health"):
+    if current and processes.http_ok(current.uri + "/health", verify=current.verify):
         if current.port == port:
             current.reused = True
             return current
@@ -248,8 +284,15 @@ def start(
         os.chmod(log_path, PRIVATE_FILE_MODE)
     else:
         write_private(log_path, "")
+    # Behind Caddy, mlflow server listens on loopback only; Caddy holds host:port.
+    upstream_port = processes.free_port() if tls else None
     proc = processes.spawn(
-        server_command(host, port, auth=auth, allowed_hosts=allowed_hosts),
+        server_command(
+            tracking.DEFAULT_HOST if tls else host,
+            upstream_port or port,
+            auth=auth,
+            allowed_hosts=allowed_hosts,
+        ),
         log_path=log_path,
         env=server_env(backend_store_uri, artifacts_destination, auth_config),
         tie_to_parent=tie_to_parent,
@@ -263,23 +306,148 @@ def start(
         log=str(log_path),
         auth=auth,
         started=processes.started_at(proc.pid),
+        tls=tls,
+        upstream_port=upstream_port,
     )
+    upstream = f"http://{tracking.DEFAULT_HOST}:{upstream_port}" if tls else info.uri
     try:
         processes.wait_until(
-            lambda: processes.http_ok(info.uri + "/health"),
+            lambda: processes.http_ok(upstream + "/health"),
             timeout=START_TIMEOUT_S,
             proc=proc,
-            what=f"mlflow server on {info.uri}",
+            what=f"mlflow server on {upstream}",
             log_path=log_path,
         )
-    except (RuntimeError, TimeoutError) as exc:
+        if tls:
+            _start_tls_proxy(info, home, tls_cert, tls_key, allowed_hosts, tie_to_parent)
+    except (RuntimeError, TimeoutError, StageflowError) as exc:
         processes.stop_group(proc.pid)
+        if info.proxy_pid:
+            processes.stop_group(info.proxy_pid)
         raise StageflowError(str(exc).splitlines()[0]) from None
     if auth and (home / AUTH_DB_FILE).exists():
         os.chmod(home / AUTH_DB_FILE, PRIVATE_FILE_MODE)  # MLflow creates it with the umask
     write_private(_state_path(home), json.dumps(asdict(info), indent=2))
     logger.info("tracking server ready at %s (pid %d)", info.uri, info.pid)
     return info
+
+
+def check_tls(tls: bool, cert: Path | None, key: Path | None) -> bool:
+    """Whether to serve HTTPS; given certificate files must come as a readable pair."""
+    if (cert is None) != (key is None):
+        raise UsageError("--tls-cert and --tls-key go together: give both PEM files, or neither")
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{option} {path}: no such file")
+    return tls or cert is not None
+
+
+def transport_warning(host: str, auth: bool, tls: bool) -> str | None:
+    """The warning for basic auth in plain HTTP beyond loopback: passwords in clear text."""
+    if auth and not tls and not is_loopback(host):
+        return (
+            f"--auth on {host} without --tls: every call sends a password over plain HTTP, "
+            "readable by anyone on the network path; add --tls"
+        )
+    return None
+
+
+def render_tls_caddyfile(
+    info: ServerInfo,
+    data_dir: Path,
+    log_path: Path,
+    cert: Path | None = None,
+    key: Path | None = None,
+    allowed_hosts: str | None = None,
+) -> str:
+    """Caddy in front of the tracking server: HTTPS on ``host:port``, nothing else.
+
+    With the internal CA, Caddy issues a certificate for each name a client may use
+    (localhost, 127.0.0.1, the bound address, the ``allowed_hosts`` names); given files
+    serve every name. No redirect listener on port 80, no admin API, no trust-store
+    changes; the Host header passes through, so MLflow's ``--allowed-hosts`` still
+    decides who it answers.
+    """
+    bind = info.host if info.host not in ("0.0.0.0", "::") else ""
+    if cert is not None:
+        sites = [f"https://:{info.port}"]
+        tls_line = f"tls {Path(cert).resolve()} {Path(key).resolve()}"
+    else:
+        names = ["localhost", "127.0.0.1"]
+        if bind and bind not in names:
+            names.append(bind)
+        for entry in (allowed_hosts or "").split(","):
+            name = entry.strip().rsplit(":", 1)[0] if entry.strip() else ""
+            if name and "*" not in name and name not in names:
+                names.append(name)
+        sites = [f"https://{name}:{info.port}" for name in names]
+        tls_line = "tls internal"
+    bind_line = f"\tbind {bind}\n" if bind else ""
+    return f"""\
+{{
+\tadmin off
+\tpersist_config off
+\tauto_https disable_redirects
+\tskip_install_trust
+\tstorage file_system {data_dir}
+\tlog {{
+\t\toutput file {log_path} {{
+\t\t\troll_size 10MiB
+\t\t\troll_keep 3
+\t\t}}
+\t}}
+}}
+
+{", ".join(sites)} {{
+{bind_line}\t{tls_line}
+\treverse_proxy {tracking.DEFAULT_HOST}:{info.upstream_port}
+}}
+"""
+
+
+def _start_tls_proxy(
+    info: ServerInfo,
+    home: Path,
+    cert: Path | None,
+    key: Path | None,
+    allowed_hosts: str | None,
+    tie_to_parent: bool,
+) -> None:
+    """Start Caddy terminating HTTPS for ``info`` and wait until it answers through TLS."""
+    tls_dir = private_dir(home / TLS_DIR)
+    data_dir = tls_dir / "data"
+    log_path = tls_dir / TLS_LOG_FILE
+    config = tls_dir / "Caddyfile"
+    write_private(config, render_tls_caddyfile(info, data_dir, log_path, cert, key, allowed_hosts))
+    out_path = tls_dir / "caddy.out"  # what Caddy prints before its log takes over
+    write_private(out_path, "")
+    proxy = processes.spawn(
+        [processes.bin_path("caddy"), "run", "--config", str(config), "--adapter", "caddyfile"],
+        log_path=out_path,
+        # Caddy's other state (autosaved config) stays beside ours, not in the user's home.
+        env=processes.venv_env(
+            {"XDG_DATA_HOME": str(data_dir), "XDG_CONFIG_HOME": str(tls_dir / "config")}
+        ),
+        tie_to_parent=tie_to_parent,
+    )
+    info.proxy_pid = proxy.pid
+    info.proxy_started = processes.started_at(proxy.pid)
+    if cert is None:
+        info.ca_cert = str(data_dir / INTERNAL_ROOT)
+        processes.wait_until(
+            lambda: Path(info.ca_cert).exists(),
+            timeout=START_TIMEOUT_S,
+            proc=proxy,
+            what="Caddy's internal CA",
+            log_path=out_path,
+        )
+    processes.wait_until(
+        lambda: processes.http_ok(info.uri + "/health", verify=info.verify),
+        timeout=START_TIMEOUT_S,
+        proc=proxy,
+        what=f"HTTPS on {info.uri}",
+        log_path=out_path,
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -347,6 +515,9 @@ def stop(home: Path | None = None) -> ServerInfo | None:
     info = read_state(home)
     if info is None:
         return None
+    if info.proxy_pid and info.proxy_started is not None:
+        if processes.is_process(info.proxy_pid, info.proxy_started):
+            processes.stop_group(info.proxy_pid)
     if is_our_server(info):
         processes.stop_group(info.pid)
     else:
@@ -384,7 +555,11 @@ def run_foreground(info: ServerInfo) -> None:
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stopping and _child_alive(info.pid):
+        while (
+            not stopping
+            and _child_alive(info.pid)
+            and (info.proxy_pid is None or _child_alive(info.proxy_pid))
+        ):
             time.sleep(0.5)
     finally:
         for sig, handler in previous.items():

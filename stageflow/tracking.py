@@ -48,6 +48,18 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
+def tls_verify() -> bool | str:
+    """How to check an ``https://`` tracking server's certificate, as MLflow's client does.
+
+    ``MLFLOW_TRACKING_SERVER_CERT_PATH`` names a CA bundle (e.g. the root of the internal
+    CA that ``stageflow server start --tls`` prints); ``MLFLOW_TRACKING_INSECURE_TLS=true``
+    turns the check off; otherwise the system's trust store decides.
+    """
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return False
+    return os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+
+
 def credentials() -> tuple[str, str] | None:
     """MLflow's own basic-auth variables (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``)."""
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -72,11 +84,21 @@ def require_server(uri: str | None = None, timeout: float = 5.0) -> str:
     if uri.startswith(("http://", "https://")):
         base = uri.rstrip("/")
         try:
-            answer = requests.get(base + "/health", timeout=timeout)
+            verify = tls_verify()
+            answer = requests.get(base + "/health", timeout=timeout, verify=verify)
             if answer.status_code == 200:
                 answer = requests.get(
-                    base + API_PROBE, auth=credentials(), timeout=max(timeout, 10.0)
+                    base + API_PROBE,
+                    auth=credentials(),
+                    timeout=max(timeout, 10.0),
+                    verify=verify,
                 )
+        except requests.exceptions.SSLError:
+            raise StageflowError(
+                f"tracking server {uri} has a certificate this client does not trust; set "
+                "MLFLOW_TRACKING_SERVER_CERT_PATH to its CA (`stageflow server start --tls` "
+                "prints it)"
+            ) from None
         except requests.RequestException as exc:
             raise TrackingServerUnreachable(uri, type(exc).__name__) from None
         if answer.status_code == 401:

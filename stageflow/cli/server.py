@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from stageflow.cli._common import add_json, add_tracking, emit, formatter, port
 
@@ -24,7 +25,7 @@ def add_commands(commands) -> None:
             "Examples:\n"
             "  stageflow server start --detach\n"
             "  read -s STAGEFLOW_ADMIN_PASSWORD; export STAGEFLOW_ADMIN_PASSWORD\n"
-            "  stageflow server start --auth --host 0.0.0.0 \\\n"
+            "  stageflow server start --auth --tls --host 0.0.0.0 \\\n"
             "      --allowed-hosts tracking.internal:5000 --detach"
         ),
         formatter_class=formatter,
@@ -46,6 +47,18 @@ def add_commands(commands) -> None:
         help="Host names clients may use to reach it, e.g. tracking.internal:5000 (MLflow "
         "answers 403 to others; default: localhost and private addresses)",
     )
+    start.add_argument(
+        "--tls",
+        action="store_true",
+        help="answer HTTPS only (Caddy in front, mlflow server on loopback behind it), with "
+        "Caddy's internal CA: clients trust the root it prints via "
+        "MLFLOW_TRACKING_SERVER_CERT_PATH. Needed for --auth off loopback: basic auth over "
+        "plain HTTP sends passwords in clear text",
+    )
+    start.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="serve this certificate (implies --tls)"
+    )
+    start.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
     start.add_argument(
         "--insecure-no-auth",
         action="store_true",
@@ -124,10 +137,18 @@ def run(args) -> int:
         auth=args.auth,
         allowed_hosts=args.allowed_hosts,
         insecure_no_auth=args.insecure_no_auth,
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     verb = "reusing the running" if info.reused else "started the"
     print(f"{verb} tracking server at {info.uri} (UI: {info.uri}, log: {info.log})")
     print(f"  export MLFLOW_TRACKING_URI={info.uri}")
+    if info.ca_cert:
+        print(
+            f"  export MLFLOW_TRACKING_SERVER_CERT_PATH={info.ca_cert}"
+            "  # its CA: copy it to clients"
+        )
     if info.auth:
         print("  export MLFLOW_TRACKING_USERNAME=... MLFLOW_TRACKING_PASSWORD=...")
     if args.detach or info.reused:
