@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from monitoring import drift, labels, read, reference, thresholds
-from monitoring.performance import PRIMARY, LiveMetrics, live_metrics
+from monitoring.performance import CLASSIFICATION, PRIMARY, LiveMetrics, live_metrics, rescore
 from monitoring.window import DEFAULT_SINCE, Window
 from stageflow.errors import UsageError
 
@@ -32,6 +32,7 @@ ACCEPTED, REFUSED, FLAGGED, ERROR = "accepted", "refused", "flagged", "error"
 # Labels kept for the live metric: bounded, so a window with millions of labelled rows
 # keeps a uniform sample (the bootstrap interval says how sure the figure is).
 MAX_LABELLED = 200_000
+_SAMPLE_KEY = "_sample_key"
 
 
 @dataclass
@@ -252,7 +253,9 @@ class Gathered:
         }
         self.predicted = drift.Accumulator(reference.PREDICTION, ref[reference.PREDICTION])
         self.traffic = _Traffic()
-        self.labelled = _Labelled(known_labels)
+        # A classifier's labelled rows keep their inputs: the monitor re-scores them for
+        # log loss (monitoring.performance.rescore).
+        self.labelled = _Labelled(known_labels, keep_inputs=ref.get("task") == CLASSIFICATION)
 
     def columns(self) -> list[str]:
         """The log columns this needs: traffic and inputs, the ids only when labels exist."""
@@ -288,11 +291,43 @@ def _monitor_version(client, model, version, role, run_id, window, cfg, known_la
     if gathered.traffic.rows == 0:
         return None
     test_metrics = client.get_run(client.get_model_version(model, version).run_id).data.metrics
-    return judge(gathered, version, role, cfg, test_metrics)
+    probabilities, note = None, ""
+    if gathered.labelled.keep_inputs and gathered.labelled.count >= int(cfg["min_rows"]):
+        started = time.perf_counter()
+        try:
+            probabilities = rescore(model, version, gathered.labelled.inputs())
+        except Exception as exc:  # noqa: BLE001 - no log loss is a note, never a failed monitor
+            note = f"no live log loss: re-scoring the labelled rows failed: {_first_line(exc)}"
+            logger.warning("%s v%s: %s", model, version, note)
+        else:
+            logger.info(
+                "%s v%s: re-scored %d labelled rows for log loss in %.1fs",
+                model,
+                version,
+                len(probabilities[0]),
+                time.perf_counter() - started,
+            )
+    report = judge(gathered, version, role, cfg, test_metrics, probabilities)
+    if note:
+        report.notes.append(note)
+    return report
 
 
-def judge(gathered: Gathered, version: str, role: str, cfg: dict, test_metrics: dict):
-    """The verdicts and alarms on what was gathered, by the policy's thresholds."""
+def judge(
+    gathered: Gathered,
+    version: str,
+    role: str,
+    cfg: dict,
+    test_metrics: dict,
+    probabilities: tuple[np.ndarray, np.ndarray] | None = None,
+):
+    """The verdicts and alarms on what was gathered, by the policy's thresholds.
+
+    Args:
+        probabilities: a classifier's ``(class probabilities, classes)`` for the
+            labelled rows, in :meth:`_Labelled.pairs` order (``performance.rescore``
+            of :meth:`_Labelled.inputs`): adds the live log loss.
+    """
     ref = gathered.ref
     task = ref.get("task", "regression")
     report = VersionReport(version=version, role=role)
@@ -318,12 +353,16 @@ def judge(gathered: Gathered, version: str, role: str, cfg: dict, test_metrics: 
     report.labelled_rows = labelled.count
     if labelled.count >= min_rows:
         metric, _ = PRIMARY[task]
+        proba, classes = probabilities if probabilities is not None else (None, None)
         report.live = live_metrics(
             task,
             *labelled.pairs(),
             test_metrics.get(f"test_{metric}"),
             confidence=cfg["live_metric"]["confidence"],
             resamples=int(cfg["live_metric"]["resamples"]),
+            probabilities=proba,
+            classes=classes,
+            test_metrics=test_metrics,
         )
     elif labelled.count:
         report.notes.append(
@@ -358,20 +397,34 @@ def _values(series: pd.Series, kind: str):
 
 
 class _Labelled:
-    """The answered rows that have a label, joined on ``id`` or on (``request_id``, ``row``)."""
+    """The answered rows that have a label, joined on ``id`` or on (``request_id``, ``row``).
 
-    def __init__(self, by_key: dict):
+    At most :data:`MAX_LABELLED` are kept, a uniform sample: every joined row draws a
+    random key and the rows with the smallest keys stay (compacted as they arrive, so
+    memory stays bounded however many labels the window holds).
+    """
+
+    def __init__(self, by_key: dict, keep_inputs: bool = False, limit: int = MAX_LABELLED):
         self.by_key = by_key
+        self.keep_inputs = keep_inputs
+        self.limit = limit
         self.count = 0
-        self._predicted: list[np.ndarray] = []
-        self._truth: list[np.ndarray] = []
+        self._parts: list[pd.DataFrame] = []
+        self._held = 0
+        self._rng = np.random.default_rng(0)
+        self._sample: pd.DataFrame | None = None
 
     def add(self, frame: pd.DataFrame) -> None:
+        inputs = (
+            [c for c in frame.columns if c.startswith(read.INPUT_PREFIX)]
+            if self.keep_inputs
+            else []
+        )
         for key, table in self.by_key.items():
             key = list(key)
             if not all(k in frame.columns for k in key):
                 continue
-            left = frame[[*key, "prediction"]].dropna(subset=key).copy()
+            left = frame[[*key, "prediction", *inputs]].dropna(subset=key).copy()
             if labels.ID in key:
                 left[labels.ID] = left[labels.ID].astype(str)
             else:
@@ -383,16 +436,38 @@ class _Labelled:
             joined = left.merge(right, on=key, how="inner")
             if len(joined):
                 self.count += len(joined)
-                self._predicted.append(joined["prediction"].to_numpy())
-                self._truth.append(joined[labels.LABEL].to_numpy())
+                kept = joined[["prediction", labels.LABEL, *inputs]]
+                # Categorical columns of different batches would not concatenate as such.
+                kept = kept.astype({c: object for c in kept.columns if kept[c].dtype == "category"})
+                kept[_SAMPLE_KEY] = self._rng.random(len(kept))
+                self._parts.append(kept)
+                self._held += len(kept)
+                self._sample = None
+                if self._held > 2 * self.limit:
+                    self._compact()
+
+    def _compact(self) -> pd.DataFrame:
+        held = pd.concat(self._parts, ignore_index=True) if self._parts else pd.DataFrame()
+        if len(held) > self.limit:
+            keep = np.argpartition(held[_SAMPLE_KEY].to_numpy(), self.limit)[: self.limit]
+            held = held.iloc[np.sort(keep)].reset_index(drop=True)
+        self._parts, self._held = [held], len(held)
+        return held
+
+    def sample(self) -> pd.DataFrame:
+        """The kept labelled rows: ``prediction``, ``label`` and (if kept) ``input.*``."""
+        if self._sample is None:
+            self._sample = self._compact().drop(columns=[_SAMPLE_KEY], errors="ignore")
+        return self._sample
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        predicted = np.concatenate(self._predicted)
-        truth = np.concatenate(self._truth)
-        if len(predicted) > MAX_LABELLED:
-            keep = np.random.default_rng(0).choice(len(predicted), MAX_LABELLED, replace=False)
-            predicted, truth = predicted[keep], truth[keep]
-        return predicted, truth
+        sample = self.sample()
+        return sample["prediction"].to_numpy(), sample[labels.LABEL].to_numpy()
+
+    def inputs(self) -> pd.DataFrame:
+        """The logged inputs of the rows :meth:`pairs` returns, in the same order."""
+        sample = self.sample()
+        return sample[[c for c in sample.columns if c.startswith(read.INPUT_PREFIX)]]
 
 
 def _alarms(report: VersionReport, cfg: dict, min_rows: int) -> list[dict]:
@@ -430,7 +505,7 @@ def _alarms(report: VersionReport, cfg: dict, min_rows: int) -> list[dict]:
                 "message": f"live {live.metric} {live.value:.4g} "
                 f"[{live.low:.4g}, {live.high:.4g}] is worse than {live.bound(margin):.4g} "
                 f"(test {live.test_value:.4g}, margin {margin:.0%})",
-                **live.to_json(),
+                **live.primary(),
                 "bound": live.bound(margin),
                 "margin": margin,
             }
@@ -468,3 +543,8 @@ def _alarms(report: VersionReport, cfg: dict, min_rows: int) -> list[dict]:
 def project_run_id() -> str | None:
     """The `mlflow run` project run this process runs in, if any."""
     return os.environ.get("MLFLOW_RUN_ID")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -63,6 +63,11 @@ def metrics_of(report) -> dict[str, float]:
             values[f"test_{live.metric}"] = live.test_value
         for name, value in live.others.items():
             values[f"live_{name}"] = value
+        for name, (low, high) in live.intervals.items():
+            values[f"live_{name}_low"] = low
+            values[f"live_{name}_high"] = high
+        for name, value in live.test_others.items():
+            values[f"test_{name}"] = value
     return {k: float(v) for k, v in values.items()}
 
 
@@ -190,7 +195,16 @@ def markdown(model, report, window, policy_source, cfg, drawn) -> str:
             f"[{live.low:.4g}, {live.high:.4g}]) on {live.rows} labelled rows; "
             f"the version's test {live.metric}: {_num(live.test_value)}"
         )
-        lines += [f"- {name} {value:.4g}" for name, value in live.others.items()]
+        for name, value in live.others.items():
+            interval = live.intervals.get(name)
+            test = live.test_others.get(name)
+            lines.append(
+                f"- {name} {value:.4g}"
+                + (f" (CI [{interval[0]:.4g}, {interval[1]:.4g}])" if interval else "")
+                + (f"; test {test:.4g}" if test is not None else "")
+            )
+        if live.metric == "accuracy" and "log_loss" not in live.others:
+            lines.append("- log loss: not computed (see the notes)")
     else:
         lines.append(f"No live metric ({report.labelled_rows} labelled rows in the window).")
     if report.notes:

@@ -10,8 +10,10 @@ figures — the last two need no server and are tested in the fast tier.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,15 @@ EVALUATE_METRIC = {"accuracy": "accuracy_score", "rmse": "root_mean_squared_erro
 MODEL_TYPE = {CLASSIFICATION: "classifier", "regression": "regressor"}
 # Resampled rows held in memory at once (resamples × rows), so large test splits stay flat.
 _BOOTSTRAP_CELLS = 2_000_000
+# What the first mlflow.models.evaluate imports from inside MLflow's import-hook lock
+# (see import_evaluation).
+_EVALUATION_MODULES = (
+    "mlflow.models.evaluation.evaluators.classifier",
+    "mlflow.models.evaluation.evaluators.default",
+    "mlflow.models.evaluation.evaluators.regressor",
+    "mlflow.models.evaluation.evaluators.shap",
+    "mlflow.models.evaluation.evaluator_registry",
+)
 
 
 @dataclass(frozen=True)
@@ -242,9 +253,35 @@ def _test_split(run_id: str) -> pd.DataFrame:
         return pd.read_parquet(Path(path))
 
 
+def import_evaluation() -> None:
+    """Import what the first ``mlflow.models.evaluate`` would import under MLflow's hook lock.
+
+    MLflow fires a post-import hook at once, still holding its import-hook lock, when
+    the hooked module is already imported (``register_post_import_hook``; mlflow#23466
+    moved only ``notify_module_loaded``'s hooks outside the lock). A process's first
+    evaluation does that twice: the evaluator registry imports the evaluators, and the
+    evaluation's autologging set-up imports the MLflow flavor module of every library
+    already imported (scikit-learn's). Meanwhile any other thread that imports takes
+    Python's import lock and then waits in MLflow's import finder for the hook lock --
+    MLflow's REST client imports on every call, so a controller polling the registry on
+    a thread (``serving.controller.BackgroundServe``) deadlocked the Production gate of
+    a promotion in the same process. Imported here first, outside that lock, those
+    modules leave the hooks nothing to import. Idempotent and cheap after the first call.
+    """
+    from mlflow.ml_package_versions import FLAVOR_TO_MODULE_NAME  # noqa: PLC0415
+    from mlflow.utils.autologging_utils import is_autolog_supported  # noqa: PLC0415
+
+    for name in _EVALUATION_MODULES:
+        importlib.import_module(name)
+    for flavor, module in FLAVOR_TO_MODULE_NAME.items():
+        if module in sys.modules and is_autolog_supported(flavor):
+            importlib.import_module(f"mlflow.{flavor}")
+
+
 def _evaluate(ctx: GateContext, model, frame, target, task, role, version) -> float:
     """Score one version with ``mlflow.models.evaluate`` in an evaluation run of the ledger."""
     metric, _ = PRIMARY_METRIC[task]
+    import_evaluation()
     tags = {
         "stageflow.kind": "evaluation",
         "stageflow.evaluated_model": ctx.model,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from sklearn.metrics import log_loss
 
 import monitoring
 from monitoring import labels as labelling
@@ -104,6 +105,18 @@ def test_live_performance_from_labels_and_an_alarm_when_outside_the_margin(
     assert live.low <= live.value <= live.high
     assert abs(live.value - live.test_value) < 0.05
     assert not [a for a in report.alarm_details if a["kind"] == "live_metric"]
+    # Log loss: the labelled rows re-scored by the version itself (the log holds labels only).
+    pipeline = model.unwrap_python_model().pipeline
+    expected = log_loss(
+        frame["label"], pipeline.predict_proba(frame[FEATURES]), labels=pipeline.classes_
+    )
+    assert live.others["log_loss"] == pytest.approx(expected, rel=1e-6)
+    low, high = live.intervals["log_loss"]
+    assert low < live.others["log_loss"] < high
+    assert "log_loss" in live.test_others
+    run_metrics = MlflowClient(tracking_uri).get_run(report.run_id).data.metrics
+    assert run_metrics["live_log_loss"] == pytest.approx(live.others["log_loss"])
+    assert run_metrics["live_log_loss_low"] == pytest.approx(low)
 
     # Later feedback for the same orders overrides: a third of them were wrong after all.
     wrong = truth.copy()

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monitoring import drift, labels, parse_duration, read, reference
+from monitoring import assess, drift, labels, parse_duration, performance, read, reference, watch
 from monitoring.performance import live_metrics
 from monitoring.window import Window
 from stageflow.errors import UsageError
@@ -193,3 +193,118 @@ def test_labels_by_id_column_or_by_request_id_and_row():
 def test_labels_without_ids_or_targets_are_refused_naming_the_fix(frame, id_column, message):
     with pytest.raises(UsageError, match=message):
         labels.normalise(frame, "target", id_column)
+
+
+def test_live_log_loss_is_scikit_learns_with_an_interval_beside_the_test_value():
+    from sklearn.metrics import log_loss
+
+    truth = RNG.choice(["a", "b", "c"], 600)
+    proba = RNG.dirichlet([1, 1, 1], 600)
+    proba[np.arange(600), (truth == "b") + 2 * (truth == "c")] += 1.0  # mostly right
+    proba /= proba.sum(axis=1, keepdims=True)
+    predicted = np.array(["a", "b", "c"])[proba.argmax(axis=1)]
+    live = live_metrics(
+        "classification",
+        predicted,
+        truth,
+        test_value=0.9,
+        resamples=500,
+        probabilities=proba,
+        classes=np.array(["a", "b", "c"]),
+        test_metrics={"test_accuracy": 0.9, "test_log_loss": 0.41, "test_f1": 0.88},
+    )
+    expected = log_loss(truth, proba, labels=["a", "b", "c"])
+    assert live.others["log_loss"] == pytest.approx(expected, abs=1e-6)
+    low, high = live.intervals["log_loss"]
+    assert low < live.others["log_loss"] < high
+    assert live.test_others == {"f1": 0.88, "log_loss": 0.41}
+    assert live.to_json()["intervals"] == {"log_loss": [low, high]}
+    assert set(live.primary()) == {"metric", "value", "low", "high", "test_value", "rows"}
+
+
+def test_log_loss_of_a_label_the_model_has_no_class_for_is_the_clipped_maximum():
+    losses = performance.log_losses(
+        np.array(["1", "2", "9"]), np.array([[0.2, 0.8], [0.5, 0.5], [0.5, 0.5]]), [1, 2]
+    )
+    assert losses[:2] == pytest.approx([-np.log(0.2), -np.log(0.5)])
+    assert losses[2] == pytest.approx(-np.log(np.finfo(float).eps))
+
+
+def test_live_metrics_without_probabilities_have_no_log_loss():
+    truth = RNG.choice(["a", "b"], 300)
+    live = live_metrics("classification", truth, truth, test_value=1.0, resamples=100)
+    assert "log_loss" not in live.others
+    assert live.intervals == {}
+
+
+def test_logged_inputs_become_the_rows_the_pipeline_was_trained_on():
+    contract = {
+        "columns": [
+            {"name": "x", "kind": "numeric"},
+            {"name": "grade", "kind": "categorical", "categories": [1, 2, 3]},
+            {"name": "colour", "kind": "categorical", "categories": ["red", "blue"]},
+        ]
+    }
+    logged = pd.DataFrame(
+        {
+            "input.x": [1.5, None, 3.0],
+            "input.grade": pd.Series(["1", "3", None], dtype="category"),
+            "input.colour": ["red", "green", None],
+        }
+    )
+    frame = performance.model_inputs(contract, logged)
+    assert list(frame.columns) == ["x", "grade", "colour"]
+    assert frame["x"].tolist()[::2] == [1.5, 3.0]
+    assert np.isnan(frame["x"][1])
+    assert frame["grade"].tolist()[:2] == [1, 3]
+    assert frame["colour"].tolist()[:2] == ["red", "green"]  # unknown stays as logged
+    assert pd.isna(frame["grade"][2])
+    assert pd.isna(frame["colour"][2])
+
+
+def _labelled_frame(n: int, start: int = 0) -> pd.DataFrame:
+    ids = np.arange(start, start + n)
+    return pd.DataFrame(
+        {
+            "outcome": "accepted",
+            "id": [f"o{i}" for i in ids],
+            "prediction": pd.Series(np.where(ids % 2, "yes", "no"), dtype="category"),
+            "input.x": ids.astype(float),
+        }
+    )
+
+
+def test_labelled_rows_keep_a_bounded_uniform_sample_with_their_inputs_aligned():
+    known = {("id",): pd.DataFrame({"id": [f"o{i}" for i in range(5000)], "label": "yes"})}
+    labelled = assess.Gathered(
+        {"columns": {}, "prediction": {"kind": "categorical"}, "task": "classification"}, known
+    ).labelled
+    labelled.limit = 300
+    for start in range(0, 5000, 500):
+        labelled.add(_labelled_frame(500, start))
+    predicted, truth = labelled.pairs()
+    inputs = labelled.inputs()
+    assert labelled.count == 5000
+    assert len(predicted) == len(inputs) == 300
+    # Aligned: the prediction was made from the row's own input (odd x → "yes").
+    assert (predicted == np.where(inputs["input.x"] % 2, "yes", "no")).all()
+    # Uniform over the stream, not the last batches only.
+    assert inputs["input.x"].mean() == pytest.approx(2500, rel=0.15)
+
+
+def test_judge_adds_the_live_log_loss_from_the_rescored_probabilities():
+    ref = reference.build(
+        pd.DataFrame({"x": RNG.normal(size=300)}), RNG.choice(["no", "yes"], 300), "classification"
+    )
+    known = {("id",): pd.DataFrame({"id": [f"o{i}" for i in range(400)], "label": "yes"})}
+    gathered = assess.Gathered(ref, known)
+    gathered.add(_labelled_frame(400).assign(source="online", row=0, problem=None, latency_ms=2.0))
+    predicted, _ = gathered.labelled.pairs()
+    proba = np.where((predicted == "yes")[:, None], [0.1, 0.9], [0.7, 0.3])
+    cfg = watch.settings(None)
+    report = assess.judge(
+        gathered, "3", "production", cfg, {"test_accuracy": 0.5}, (proba, np.array(["no", "yes"]))
+    )
+    expected = np.mean(np.where(predicted == "yes", -np.log(0.9), -np.log(0.3)))
+    assert report.live.others["log_loss"] == pytest.approx(expected, abs=1e-6)
+    assert report.live.value == pytest.approx(0.5)

@@ -104,8 +104,8 @@ def test_a_version_worse_on_live_labels_is_rolled_back_automatically_without_fai
     start_serving,
     wine_request,  # noqa: F811
 ):
-    # Serving starts with v2 in Production, so v1 is started cold by the rollback (promoting
-    # v2 under a running in-process controller took minutes on the loaded machine).
+    # Serving starts with v2 in Production, so v1 is started cold by the rollback: the cold
+    # path. The warm one (serving through v2's promotion) is tests/monitoring/test_closed_loop.py.
     v1, v2 = two_productions
     running = start_serving(model_name, replicas=1)
     assert running.wait_serving(timeout=START_TIMEOUT_S) == v2
