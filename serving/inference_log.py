@@ -46,6 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from stageflow import tracking
+
 logger = logging.getLogger(__name__)
 
 # -- the contract's names (MONITORING_CONTRACT.md) -----------------------------------------
@@ -683,8 +685,8 @@ def find_or_create_run(client, model: str, version: str) -> str:
         return client.search_runs(
             [experiment_id],
             filter_string=(
-                f"tags.`{TAG_MODEL}` = '{_quoted(model)}' and tags.`{TAG_VERSION}` = "
-                f"'{_quoted(version)}' and tags.`{TAG_KIND}` = '{KIND}'"
+                f"tags.`{TAG_MODEL}` = {tracking.filter_value(model)} and tags.`{TAG_VERSION}` = "
+                f"{tracking.filter_value(version)} and tags.`{TAG_KIND}` = '{KIND}'"
             ),
             order_by=["attributes.start_time ASC"],
             max_results=10,
@@ -714,10 +716,6 @@ def _text_columns(guard) -> list[str]:
 
 def _uploaded_marker(path: Path) -> Path:
     return path.with_name(f".{path.name}.uploaded")
-
-
-def _quoted(value: str) -> str:
-    return str(value).replace("'", "\\'")
 
 
 def _text(values: np.ndarray) -> pa.Array:
