@@ -44,8 +44,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serving import _admission
 from stageflow import tracking
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,9 @@ class LogSettings(BaseModel):
     source: str = ONLINE
     flush_seconds: float = FLUSH_SECONDS
     upload: bool = True
+    # What each replica admits (serving/_admission.py): rows per request, requests at once.
+    max_rows: int = Field(default=_admission.MAX_ROWS, ge=1)
+    max_concurrency: int = Field(default=_admission.MAX_CONCURRENCY, ge=1)
 
     @field_validator("mode")
     @classmethod
@@ -806,8 +810,9 @@ class RequestIds:
         return send_closing
 
 
-def _install_on_next_app(log: InferenceLog | None) -> None:
-    """Make the FastAPI app MLflow's scoring server builds next carry :class:`RequestIds`.
+def _install_on_next_app(log: InferenceLog | None, settings: LogSettings) -> None:
+    """Make the FastAPI app MLflow's scoring server builds next carry :class:`RequestIds`
+    and, inside it, :class:`serving._admission.Admission` with the settings' limits.
 
     Why this way: ``mlflow models serve`` stays the engine, and its scoring server
     (mlflow/pyfunc/scoring_server, MLflow 3.17) reads no request header and offers
@@ -829,6 +834,11 @@ def _install_on_next_app(log: InferenceLog | None) -> None:
             fastapi.FastAPI = original  # one app only
             kwargs["middleware"] = [
                 Middleware(RequestIds, log=log),
+                Middleware(
+                    _admission.Admission,
+                    max_rows=settings.max_rows,
+                    max_concurrency=settings.max_concurrency,
+                ),
                 *(kwargs.get("middleware") or []),
             ]
             super().__init__(*args, **kwargs)
@@ -871,5 +881,5 @@ def attach(guard, classify: bool, config: dict) -> InferenceLog | None:
             settings.mode,
             log.directory,
         )
-    _install_on_next_app(log)
+    _install_on_next_app(log, settings)
     return log
