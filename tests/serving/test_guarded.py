@@ -444,7 +444,12 @@ def test_a_replica_at_its_concurrency_bound_answers_503_with_retry_after(served)
             connection.sendall(head + one_row[: len(one_row) // 2])
         busy = first_answer(served.url, one_row, lambda a: a.status_code != 200)
 
-        assert busy.status_code == 503, busy.text[:300]
+        assert busy.status_code == 503, (
+            busy.text[:300],
+            replica.url,
+            served.controller.started_pids,
+            replica.log_path.read_text(errors="replace")[-3000:],
+        )
         assert busy.headers["Retry-After"] == "1"
         error = busy.json()
         assert (error["error_code"], error["problem"]) == ("SERVICE_UNAVAILABLE", "busy")
