@@ -22,6 +22,7 @@ import pandas as pd
 from monitoring import drift, labels, read, reference, thresholds
 from monitoring.performance import CLASSIFICATION, PRIMARY, LiveMetrics, live_metrics, rescore
 from monitoring.window import DEFAULT_SINCE, Window
+from stageflow import tracking
 from stageflow.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,6 @@ def monitor(
         UsageError: a bad duration, an unknown model, a bad policy.
         TrackingServerUnreachable: the tracking server did not answer.
     """
-    from stageflow import tracking  # noqa: PLC0415
 
     window = Window.ending_now(since, now)
     client = tracking.client(tracking_uri)
@@ -185,7 +185,7 @@ def _roles(client, model: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
     try:
-        versions = client.search_model_versions(f"name='{read.quote_value(model)}'")
+        versions = client.search_model_versions(f"name = {tracking.filter_value(model)}")
     except MlflowException:
         versions = []
     if not versions:

@@ -65,7 +65,6 @@ def feedback(
     Raises:
         UsageError: unreadable file, no id or target column, a missing label.
     """
-    from stageflow import tracking  # noqa: PLC0415
 
     client = tracking.client(tracking_uri)
     target = _target(client, model)
@@ -151,7 +150,7 @@ def load_labels(client, model: str) -> dict[tuple[str, ...], pd.DataFrame]:
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`stageflow.kind` = '{FEEDBACK_KIND}' "
-        f"and tags.`stageflow.model` = '{read.quote_value(model)}'",
+        f"and tags.`stageflow.model` = {tracking.filter_value(model)}",
         order_by=["attributes.start_time ASC"],
         max_results=10_000,
     )
@@ -172,7 +171,7 @@ def _target(client, model: str) -> str:
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
     try:
-        versions = client.search_model_versions(f"name='{read.quote_value(model)}'")
+        versions = client.search_model_versions(f"name = {tracking.filter_value(model)}")
     except MlflowException:
         versions = []
     if not versions:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from monitoring.window import Window
 from serving import inference_log
+from stageflow import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def log_runs(client, model: str, versions=None) -> dict[str, str]:
         return {}
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{MODEL_TAG}` = '{quote_value(model)}' "
+        filter_string=f"tags.`{MODEL_TAG}` = {tracking.filter_value(model)} "
         f"and tags.`{KIND_TAG}` = '{INFERENCE_KIND}'",
         max_results=1000,
     )
@@ -174,7 +175,6 @@ def read_log(model: str, since=None, tracking_uri: str | None = None, versions=N
     Example:
         >>> read_log("churn", since="15m").groupby("version").size()
     """
-    from stageflow import tracking  # noqa: PLC0415
 
     client = tracking.client(tracking_uri)
     window = since if isinstance(since, Window) or since is None else Window.ending_now(since)
@@ -189,8 +189,3 @@ def read_log(model: str, since=None, tracking_uri: str | None = None, versions=N
             + ["outcome", "problem", "latency_ms", "prediction"]
         )
     return pd.concat(frames, ignore_index=True)
-
-
-def quote_value(text: str) -> str:
-    """``text`` inside an MLflow filter string's single quotes (a name may hold ``'``)."""
-    return str(text).replace("'", "\\'")

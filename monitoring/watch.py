@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
+from stageflow import tracking
 from stageflow.errors import StageflowError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -255,8 +256,7 @@ def read_state(client, model: str) -> State:
     from registry.rollback import rollback_target  # noqa: PLC0415
 
     production = current_version(client, model, PRODUCTION)
-    quoted = model.replace("'", "\\'")
-    versions = client.search_model_versions(f"name = '{quoted}'")
+    versions = client.search_model_versions(f"name = {tracking.filter_value(model)}")
     marked = {str(v.version) for v in versions if v.tags.get(MARK_TAG)}
     slo_windows = 0
     retrains = []
@@ -335,7 +335,6 @@ def watch_once(
         UsageError: unknown model or action, bad duration.
     """
     from registry.policy import for_model  # noqa: PLC0415
-    from stageflow import tracking  # noqa: PLC0415
 
     acts = parse_acts(acts)
     seconds(since)

@@ -48,6 +48,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import RegisteredModel
 from mlflow.exceptions import MlflowException
 
+from stageflow import tracking
 from stageflow.errors import StageflowError
 
 logger = logging.getLogger(__name__)
@@ -186,9 +187,8 @@ def _generations(client: MlflowClient, model: str) -> list[tuple[int, Registered
     token = None
     while True:
         # LIKE also matches `_`/`%` in the model name loosely; the exact prefix check below.
-        quoted = prefix.replace("'", "\\'")
         page = client.search_registered_models(
-            filter_string=f"name LIKE '{quoted}%'",
+            filter_string=f"name LIKE {tracking.filter_value(prefix + '%')}",
             max_results=1000,
             page_token=token,
         )

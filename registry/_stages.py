@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from stageflow import tracking
 from stageflow.errors import StageflowError, UsageError
 
 NONE, STAGING, PRODUCTION, ARCHIVED = "None", "Staging", "Production", "Archived"
@@ -58,7 +59,7 @@ def require_model(client: MlflowClient, name: str) -> None:
 
 def versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     """Every version of ``name``, oldest first."""
-    found = client.search_model_versions(f"name = '{_quote(name)}'")
+    found = client.search_model_versions(f"name = {tracking.filter_value(name)}")
     return sorted(found, key=lambda v: int(v.version))
 
 
@@ -109,7 +110,3 @@ def move(client: MlflowClient, name: str, version: str, stage: str) -> None:
         raise StageflowError(
             f"the registry refused moving {name} version {version} to {stage}: {exc.message}"
         ) from None
-
-
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")

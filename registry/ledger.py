@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus, RunTag
 
+from stageflow import tracking
+
 LEDGER_EXPERIMENT = "stageflow-ledger"
 ACTOR_ENV = "STAGEFLOW_ACTOR"
 PROMOTE, ROLLBACK, REPAIR = "promote", "rollback", "repair"
@@ -123,13 +125,12 @@ def entries(client: MlflowClient, model: str, include_all: bool = False) -> list
     experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
     if experiment is None:
         return []
-    quoted = model.replace("'", "\\'")
     runs = []
     token = None
     while True:
         page = client.search_runs(
             [experiment.experiment_id],
-            filter_string=f"tags.`{TAG}model` = '{quoted}'",
+            filter_string=f"tags.`{TAG}model` = {tracking.filter_value(model)}",
             max_results=1000,
             page_token=token,
         )

@@ -32,6 +32,7 @@ from serving.batch import (
     data_files,
 )
 from serving.guarded_model import GUARD_PROBLEM, PREDICTION, REGRESSION
+from stageflow import files
 from stageflow.contract import input_columns
 from stageflow.errors import StageflowError, UsageError
 
@@ -182,28 +183,38 @@ def score(
         frame = _read(spark, input_path, spec, id_column)
         udf_config = {**config, "on_invalid": "mark"}
         scored = _apply(spark, frame, uri, udf_config, contract, spec, version)
-        staged = output_path.with_name(f".{output_path.name}.partial")
-        shutil.rmtree(staged, ignore_errors=True)
+        # Spark writes into a folder of a random name made exclusively beside the output,
+        # so a link planted at a guessable name is never followed.
+        scratch = files.folder_beside(output_path)
+        staged = scratch / "out"
         try:
-            scored.write.mode("errorifexists").parquet(str(staged))
-            counts = spark.read.parquet(str(staged)).groupBy(GUARD_PROBLEM).count().collect()
-        except Exception as exc:  # noqa: BLE001 - Spark raises its own types, from the JVM
-            shutil.rmtree(staged, ignore_errors=True)
-            raise _explained(exc, input_path) from None
-        rows = sum(r["count"] for r in counts)
-        refused = Counter({r[GUARD_PROBLEM]: r["count"] for r in counts if r[GUARD_PROBLEM]})
-        if config["on_invalid"] == "fail" and refused:
-            shutil.rmtree(staged, ignore_errors=True)
-            listed = ", ".join(f"{p}: {n}" for p, n in sorted(refused.items()))
-            raise UsageError(
-                f"{input_path}: the model's contract refused {sum(refused.values())} of "
-                f"{rows} rows ({listed}); --on-invalid mark scores the rest"
-            )
-        if rows == 0:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise UsageError(f"{input_path} has no rows to score")
-        os.replace(staged, output_path)
-        parts = len(data_files(output_path))
+            return _write(spark, scored, staged, output_path, input_path, config, master)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write(spark, scored, staged: Path, output_path: Path, input_path: Path, config, master):
+    """Write the scored frame at ``staged``, count it, and rename it onto ``output_path``.
+
+    What is left at ``staged`` on a refusal goes with its scratch folder (the caller's).
+    """
+    try:
+        scored.write.mode("errorifexists").parquet(str(staged))
+        counts = spark.read.parquet(str(staged)).groupBy(GUARD_PROBLEM).count().collect()
+    except Exception as exc:  # noqa: BLE001 - Spark raises its own types, from the JVM
+        raise _explained(exc, input_path) from None
+    rows = sum(r["count"] for r in counts)
+    refused = Counter({r[GUARD_PROBLEM]: r["count"] for r in counts if r[GUARD_PROBLEM]})
+    if config["on_invalid"] == "fail" and refused:
+        listed = ", ".join(f"{p}: {n}" for p, n in sorted(refused.items()))
+        raise UsageError(
+            f"{input_path}: the model's contract refused {sum(refused.values())} of "
+            f"{rows} rows ({listed}); --on-invalid mark scores the rest"
+        )
+    if rows == 0:
+        raise UsageError(f"{input_path} has no rows to score")
+    os.replace(staged, output_path)
+    parts = len(data_files(output_path))
     return Scored(rows=rows, refused=refused, detail={"master": master, "output_parts": parts})
 
 

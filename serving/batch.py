@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import mlflow
 import numpy as np
@@ -39,7 +40,7 @@ from registry import PRODUCTION, current_version, require_model
 from serving import guarded_model
 from serving.guarded_model import GUARD_PROBLEM
 from serving.inference_log import BATCH, InferenceLog
-from stageflow import tracking
+from stageflow import files, tracking
 from stageflow.contract import input_columns
 from stageflow.errors import StageflowError, UsageError
 from stageflow.files import FILE_SUFFIXES, file_digest
@@ -377,8 +378,9 @@ def _score_local(
     log = _inference_log(pyfunc, model, version, tracking_uri)
     rows = 0
     refused: Counter = Counter()
-    partial = output_path.with_name(f".{output_path.name}.partial")
-    writer = _Writer(partial)
+    # A random name made exclusively: a planted link at a guessable one is never followed.
+    handle, partial = files.open_beside(output_path, "wb")
+    writer = _Writer(handle, parquet=output_path.suffix.lower() == ".parquet")
     bar = tqdm(
         total=_row_count(input_path),  # None for CSV: rows and rate, without a total
         desc=f"score {model} v{version}",
@@ -525,11 +527,11 @@ def _one_column(predictions):
 
 
 class _Writer:
-    """Appends frames to a CSV or Parquet file with the first chunk's columns and types."""
+    """Appends frames to an open file as CSV or Parquet, typed by the first chunk."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.parquet = path.name.removesuffix(".partial").endswith(".parquet")
+    def __init__(self, handle: IO[bytes], parquet: bool):
+        self.handle = handle
+        self.parquet = parquet
         self._pq: pq.ParquetWriter | None = None
         self._csv_started = False
 
@@ -537,16 +539,13 @@ class _Writer:
         if self.parquet:
             if self._pq is None:
                 table = pa.Table.from_pandas(frame, preserve_index=False)
-                self._pq = pq.ParquetWriter(self.path, table.schema)
+                self._pq = pq.ParquetWriter(self.handle, table.schema)
             else:
                 table = pa.Table.from_pandas(frame, schema=self._pq.schema, preserve_index=False)
             self._pq.write_table(table)
         else:
-            frame.to_csv(
-                self.path,
-                mode="a" if self._csv_started else "w",
-                index=False,
-                header=not self._csv_started,
+            self.handle.write(
+                frame.to_csv(index=False, header=not self._csv_started).encode("utf-8")
             )
             self._csv_started = True
 
@@ -554,6 +553,7 @@ class _Writer:
         if self._pq is not None:
             self._pq.close()
             self._pq = None
+        self.handle.close()
 
 
 def _as_numbers(

@@ -72,6 +72,8 @@ NUMERIC, CATEGORICAL, DATETIME = "numeric", "categorical", "datetime"
 # a unit mix-up or a sentinel like 9999 does not.
 RANGE_TOLERANCE = 1.0
 PROBABILITY_TOLERANCE = 1e-6
+# A column name an answer quotes is cut to this many characters (clients choose them).
+NAME_CHARS = 64
 POLICIES = {
     "unknown_category": ("reject", "flag"),
     "abnormal_output": ("reject", "clip"),
@@ -103,6 +105,8 @@ class Rejected(MlflowException):
     code = "INVALID_INPUT"
 
     def __init__(self, column: str | None, problem: str, detail: str, row: int | None = None):
+        if column is not None and len(column) > NAME_CHARS:  # a client's name: bounded
+            column = column[: NAME_CHARS - 1] + "…"
         where = f"column {column!r}: " if column is not None else ""
         if row is not None:
             where = f"row {row}, {where}"

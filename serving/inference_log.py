@@ -44,7 +44,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serving import _admission
+from stageflow import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +142,9 @@ class LogSettings(BaseModel):
     source: str = ONLINE
     flush_seconds: float = FLUSH_SECONDS
     upload: bool = True
+    # What each replica admits (serving/_admission.py): rows per request, requests at once.
+    max_rows: int = Field(default=_admission.MAX_ROWS, ge=1)
+    max_concurrency: int = Field(default=_admission.MAX_CONCURRENCY, ge=1)
 
     @field_validator("mode")
     @classmethod
@@ -683,8 +689,8 @@ def find_or_create_run(client, model: str, version: str) -> str:
         return client.search_runs(
             [experiment_id],
             filter_string=(
-                f"tags.`{TAG_MODEL}` = '{_quoted(model)}' and tags.`{TAG_VERSION}` = "
-                f"'{_quoted(version)}' and tags.`{TAG_KIND}` = '{KIND}'"
+                f"tags.`{TAG_MODEL}` = {tracking.filter_value(model)} and tags.`{TAG_VERSION}` = "
+                f"{tracking.filter_value(version)} and tags.`{TAG_KIND}` = '{KIND}'"
             ),
             order_by=["attributes.start_time ASC"],
             max_results=10,
@@ -714,10 +720,6 @@ def _text_columns(guard) -> list[str]:
 
 def _uploaded_marker(path: Path) -> Path:
     return path.with_name(f".{path.name}.uploaded")
-
-
-def _quoted(value: str) -> str:
-    return str(value).replace("'", "\\'")
 
 
 def _text(values: np.ndarray) -> pa.Array:
@@ -808,8 +810,9 @@ class RequestIds:
         return send_closing
 
 
-def _install_on_next_app(log: InferenceLog | None) -> None:
-    """Make the FastAPI app MLflow's scoring server builds next carry :class:`RequestIds`.
+def _install_on_next_app(log: InferenceLog | None, settings: LogSettings) -> None:
+    """Make the FastAPI app MLflow's scoring server builds next carry :class:`RequestIds`
+    and, inside it, :class:`serving._admission.Admission` with the settings' limits.
 
     Why this way: ``mlflow models serve`` stays the engine, and its scoring server
     (mlflow/pyfunc/scoring_server, MLflow 3.17) reads no request header and offers
@@ -831,6 +834,11 @@ def _install_on_next_app(log: InferenceLog | None) -> None:
             fastapi.FastAPI = original  # one app only
             kwargs["middleware"] = [
                 Middleware(RequestIds, log=log),
+                Middleware(
+                    _admission.Admission,
+                    max_rows=settings.max_rows,
+                    max_concurrency=settings.max_concurrency,
+                ),
                 *(kwargs.get("middleware") or []),
             ]
             super().__init__(*args, **kwargs)
@@ -873,5 +881,5 @@ def attach(guard, classify: bool, config: dict) -> InferenceLog | None:
             settings.mode,
             log.directory,
         )
-    _install_on_next_app(log)
+    _install_on_next_app(log, settings)
     return log

@@ -99,7 +99,7 @@ def add_user(username: str, role: str, model: str, tracking_uri: str | None = No
             f"registered model {model!r} does not exist on {uri}; train it first"
         ) from None
     experiments = {}
-    for version in client.search_model_versions(f"name='{_quoted(model)}'"):
+    for version in client.search_model_versions(f"name = {tracking.filter_value(model)}"):
         if version.run_id:
             run = client.get_run(version.run_id)
             eid = run.info.experiment_id
@@ -162,10 +162,6 @@ def _join_promoters(auth, username: str) -> None:
         auth.add_role_permission(role.id, REGISTERED_MODEL, "*", READ)
     if all(r.id != role.id for r in auth.list_user_roles(username)):
         auth.assign_role(username, role.id)
-
-
-def _quoted(name: str) -> str:
-    return name.replace("'", "\\'")
 
 
 def _refused(exc, uri: str) -> StageflowError:

@@ -17,7 +17,7 @@ import mlflow
 import requests
 from mlflow import MlflowClient
 
-from stageflow.errors import StageflowError, TrackingServerUnreachable
+from stageflow.errors import StageflowError, TrackingServerUnreachable, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,32 @@ def client(uri: str | None = None) -> MlflowClient:
     """An ``MlflowClient`` for a server that answered :func:`require_server`."""
     uri = require_server(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def filter_value(text: str) -> str:
+    """``text`` as a string literal of an MLflow search filter, quotes included.
+
+    Every ``search_runs`` / ``search_model_versions`` / ``search_registered_models``
+    filter of Stageflow's quotes its values here. MLflow's filter parser takes a literal
+    between single or double quotes and undoes no escape (``'it\\'s'`` searches for a
+    backslash), so a value holding ``'`` goes between double quotes.
+
+    Example:
+        >>> print("name = " + filter_value("bob's model"))
+        name = "bob's model"
+
+    Raises:
+        UsageError: ``text`` holds both ``'`` and ``"``, which no MLflow filter can match.
+    """
+    text = str(text)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise UsageError(
+        f"the name {text[:80]!r} holds both ' and \"; MLflow's searches cannot find such a "
+        "name: choose one without one of them"
+    )
 
 
 def _runner_quote(value: str) -> str:

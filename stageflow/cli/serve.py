@@ -64,6 +64,20 @@ def add_commands(commands) -> None:
         "2d; uploaded segments stay in the artifact store (default: 1GB,7d)",
     )
     serve.add_argument(
+        "--max-rows",
+        type=positive_int,
+        metavar="N",
+        help="rows one request may hold; more is answered 413, pointing at `stageflow score` "
+        "for batch scoring (default: 10000)",
+    )
+    serve.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        metavar="N",
+        help="requests each replica answers at once; more are answered 503 with Retry-After "
+        "(default: 16)",
+    )
+    serve.add_argument(
         "--metrics-port",
         type=port,
         metavar="PORT",
@@ -83,6 +97,10 @@ def run(args) -> int:
     except ValueError as exc:
         raise UsageError(f"{exc}") from None
     log = {"mode": args.inference_log, "retention": args.log_retention}
+    # Unset: the replicas' own defaults (serving/_admission.py).
+    for limit in ("max_rows", "max_concurrency"):
+        if getattr(args, limit) is not None:
+            log[limit] = getattr(args, limit)
     if args.id_column:
         log["id_column"] = args.id_column
     serve(

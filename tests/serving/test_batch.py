@@ -1,5 +1,7 @@
 """Batch scoring with the Production version: chunked, complete, recorded."""
 
+import os
+
 import mlflow
 import pandas as pd
 import pytest
@@ -85,3 +87,38 @@ def test_values_that_do_not_fit_the_schema_name_the_rows(production, wine_featur
     with pytest.raises(UsageError, match="row 51: column 'proline' holds text, not a number"):
         score(production, source, out, chunk_rows=40)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_scoring_never_writes_through_a_link_planted_at_the_old_staging_name(
+    production, wine_features, tmp_path, suffix
+):
+    source, out = tmp_path / f"in{suffix}", tmp_path / f"out{suffix}"
+    if suffix == ".csv":
+        wine_features.head(20).to_csv(source, index=False)
+    else:
+        wine_features.head(20).to_parquet(source)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / f".out{suffix}.partial").symlink_to(victim)  # the name scoring once wrote to
+    out.symlink_to(victim)  # and the output's own name
+
+    score(production, source, out)
+
+    assert victim.read_text() == "keep me"
+    assert not out.is_symlink()  # the link was replaced, not followed
+    scored = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+    assert len(scored) == 20
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    assert {p.name for p in tmp_path.iterdir()} == {
+        source.name,
+        out.name,
+        victim.name,
+        f".out{suffix}.partial",
+    }
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -7,7 +7,10 @@ loaded back from the registry; requests go through ``serve`` (Caddy in front of
 
 from __future__ import annotations
 
+import io
 import json
+import socket
+import time
 import uuid
 
 import mlflow
@@ -15,9 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from experiments.train import train
 from registry._stages import PRODUCTION, move
+from serving._admission import MAX_CONCURRENCY, MAX_ROWS
 from serving.batch import score
 from serving.controller import BackgroundServe
 from serving.frontdoor import FrontDoorLimits
@@ -244,6 +250,13 @@ def malformed_corpus() -> dict[str, tuple[bytes, str]]:
         "huge value": body(good.assign(소득=1e300)),
         "unknown category": body(good.assign(지역="SECRET-제주")),
         "wrong content type": ("나이,소득,지역\n40,300,서울\n".encode(), "text/plain"),
+        # ~2 KB, deeper than Python's recursion limit: was a 500 and a traceback.
+        "deeply nested JSON": (b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}", as_json),
+        # Answers quote a name cut short: the end of this one never comes back.
+        "a 100 KB column name": body(good.assign(**{"x" * 100_000 + "SECRET": 1.0})),
+        "a charset MLflow refuses": (split_body(good).encode(), as_json + "; charset=latin-1"),
+        "CSV that is not CSV": (b'"SECRET\n\x00\xff', "text/csv"),
+        "Parquet that is not Parquet": (b"PAR1SECRETPAR1", "application/vnd.apache.parquet"),
         "oversized body": (b" " * (FrontDoorLimits().max_body_bytes + 1), as_json),
     }
 
@@ -265,6 +278,7 @@ def test_malformed_requests_get_a_stable_4xx_and_the_server_stays_healthy(served
                 assert error["problem"]
                 assert error.get("column", "") in error["message"]
             assert "SECRET" not in answer.text, f"{name}: the payload was echoed"
+            assert len(answer.content) < 1024, f"{name}: {len(answer.content)} bytes answered"
 
         good = korean_table(3, seed=6).drop(columns=[TARGET])
         answer = session.post(
@@ -274,6 +288,197 @@ def test_malformed_requests_get_a_stable_4xx_and_the_server_stays_healthy(served
     assert len(answer.json()["predictions"]) == 3
     # No model server died or was restarted on the way.
     assert served.controller.started_pids == pids
+
+
+# -- generated malformed requests ---------------------------------------------------------
+
+MARK = "SECRET"
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+# Names may come back (cut short) in an error; the values, marked, never may.
+names = st.one_of(st.sampled_from(COLUMNS), st.text(max_size=300))
+cells = json_scalars.map(lambda v: v + MARK if isinstance(v, str) else v) | json_values
+
+
+@st.composite
+def hostile_requests(draw) -> tuple[bytes, str]:
+    """A request body no model should answer with a 5xx or an echo, and its content type."""
+    as_json = "application/json"
+    kind = draw(st.sampled_from(["bytes", "json", "nested", "split", "records", "columns", "csv"]))
+    if kind == "bytes":
+        return MARK.encode() + draw(st.binary(max_size=200)), draw(
+            st.sampled_from([as_json, "text/csv", "application/vnd.apache.parquet"])
+        )
+    if kind == "json":
+        key = draw(st.sampled_from(["dataframe_split", "dataframe_records", "inputs", "instances"]))
+        value = draw(json_values)
+        return json.dumps({key: value, MARK: value}).encode(), as_json
+    if kind == "nested":  # nesting around (or beyond) Python's recursion limit
+        depth = draw(st.integers(min_value=50, max_value=5000))
+        opener, closer = draw(st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]))
+        return (
+            b'{"inputs": ' + opener * depth + b'"' + MARK.encode() + b'"' + closer * depth + b"}",
+            as_json,
+        )
+    columns = draw(st.lists(names, min_size=1, max_size=4))
+    rows = draw(
+        st.lists(st.lists(cells, min_size=len(columns), max_size=len(columns) + 1), max_size=4)
+    )
+    if kind == "split":
+        body = {"dataframe_split": {"columns": columns, "data": rows}}
+    elif kind == "records":
+        body = {"dataframe_records": [dict(zip(columns, row, strict=False)) for row in rows]}
+    elif kind == "columns":
+        body = {"inputs": {c: draw(st.lists(cells, max_size=3)) for c in columns}}
+    else:
+        lines = [",".join(columns)] + [",".join(str(v) for v in row) for row in rows]
+        return "\n".join(lines).encode(), "text/csv"
+    return json.dumps(body, ensure_ascii=draw(st.booleans())).encode(), as_json
+
+
+@pytest.mark.xdist_group("served-korean")  # one shared server, one worker
+def test_generated_malformed_requests_get_a_json_4xx_without_echo_or_traceback(served):
+    url = served.url + "/invocations"
+    (replica,) = [r for slot in served.controller.slots if slot.routed for r in slot.replicas]
+    log_start = replica.log_path.stat().st_size
+    session = requests.Session()  # one keep-alive client, as real clients hold them
+
+    # Bounded by examples, not by time: each is one request to a warm replica.
+    @settings(
+        max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
+    @given(hostile_requests())
+    def answers_without_5xx_or_echo(request):
+        body, content_type = request
+        answer = session.post(url, data=body, headers={"Content-Type": content_type}, timeout=60)
+
+        assert answer.status_code < 500, (answer.status_code, answer.text[:300], body[:200])
+        assert answer.headers["Content-Type"].startswith("application/json")
+        assert MARK not in answer.text, ("echoed", answer.text[:300], body[:200])
+        if answer.status_code >= 400:
+            error = answer.json()
+            assert isinstance(error["error_code"], str)
+            assert isinstance(error["message"], str)
+            assert len(answer.content) < 1024, "an error quotes at most a short name"
+            assert isinstance(error.get("problem", ""), str)
+
+    with session:
+        answers_without_5xx_or_echo()
+    with replica.log_path.open("rb") as log:
+        log.seek(log_start)
+        written = log.read().decode("utf-8", "replace")
+    assert "Traceback" not in written, written[-3000:]
+
+
+# -- what a replica admits (serving/_admission.py, its defaults) ---------------------------
+
+
+def korean_features(rows: int) -> pd.DataFrame:
+    return korean_table(rows, seed=9).drop(columns=[TARGET]).fillna({"소득": 250.0, "지역": "서울"})
+
+
+def parquet_body(frame: pd.DataFrame) -> bytes:
+    out = io.BytesIO()
+    frame.to_parquet(out, index=False, compression="zstd")
+    return out.getvalue()
+
+
+@pytest.mark.xdist_group("served-korean")  # one shared server, one worker
+def test_a_request_over_the_row_cap_is_refused_413_in_every_format(served):
+    over = korean_features(MAX_ROWS + 1)
+    too_many = {
+        "JSON": (split_body(over).encode(), "application/json"),
+        "CSV": (over.to_csv(index=False).encode(), "text/csv"),
+        # A few KiB on the wire, a million rows once decoded: refused from its footer.
+        "Parquet": (
+            parquet_body(
+                pd.DataFrame({"나이": np.full(1_000_000, 40.0), "소득": 250.0, "지역": "서울"})
+            ),
+            "application/vnd.apache.parquet",
+        ),
+    }
+    with requests.Session() as session:
+        for name, (body, content_type) in too_many.items():
+            answer = session.post(
+                served.url + "/invocations", data=body, headers={"Content-Type": content_type}
+            )
+
+            assert answer.status_code == 413, (name, answer.status_code, answer.text[:300])
+            assert answer.headers["Content-Type"].startswith("application/json"), name
+            error = answer.json()
+            assert (error["error_code"], error["problem"]) == ("TOO_MANY_ROWS", "too_many_rows")
+            assert f"{MAX_ROWS} per request" in error["message"], name
+            assert "stageflow score" in error["message"], name
+            assert answer.headers["X-Request-Id"], name
+
+        at_cap = split_body(korean_features(MAX_ROWS)).encode()
+        answer = session.post(
+            served.url + "/invocations", data=at_cap, headers={"Content-Type": "application/json"}
+        )
+    assert answer.status_code == 200, answer.text[:300]
+    assert len(answer.json()["predictions"]) == MAX_ROWS
+
+
+@pytest.mark.xdist_group("served-korean")  # one shared server, one worker
+def test_a_replica_at_its_concurrency_bound_answers_503_with_retry_after(served):
+    (replica,) = [r for slot in served.controller.slots if slot.routed for r in slot.replicas]
+    one_row = split_body(korean_features(1)).encode()
+    head = (
+        b"POST /invocations HTTP/1.1\r\nHost: replica\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(one_row)
+    )
+    # Requests that hold every place of the replica: headers and half a body each, sent
+    # straight to it (the front door waits for a whole body before it sends one on).
+    held = [
+        socket.create_connection((replica.address, replica.port), timeout=30)
+        for _ in range(MAX_CONCURRENCY)
+    ]
+    try:
+        for connection in held:
+            connection.sendall(head + one_row[: len(one_row) // 2])
+        busy = first_answer(served.url, one_row, lambda a: a.status_code != 200)
+
+        assert busy.status_code == 503, (
+            busy.text[:300],
+            replica.url,
+            served.controller.started_pids,
+            replica.log_path.read_text(errors="replace")[-3000:],
+        )
+        assert busy.headers["Retry-After"] == "1"
+        error = busy.json()
+        assert (error["error_code"], error["problem"]) == ("SERVICE_UNAVAILABLE", "busy")
+        assert "--max-concurrency" in error["message"]
+
+        for connection in held:
+            connection.sendall(one_row[len(one_row) // 2 :])
+        for connection in held:
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        for connection in held:
+            connection.close()
+    # Every place is free again.
+    assert first_answer(served.url, one_row, lambda a: a.status_code == 200).status_code == 200
+
+
+def first_answer(url: str, body: bytes, wanted) -> requests.Response:
+    """The first front-door answer ``wanted`` accepts, asking for up to a minute (a timeout)."""
+    deadline = time.monotonic() + 60.0
+    while True:
+        answer = requests.post(
+            url + "/invocations",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+        if wanted(answer) or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
 
 
 @pytest.mark.xdist_group("served-korean")  # one shared server, one worker

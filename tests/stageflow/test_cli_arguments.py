@@ -57,6 +57,8 @@ def assert_one_line(err: str, *fragments: str) -> str:
         (["history"], "the following arguments are required: --model"),
         (["serve", "--model", "m", "--port", "70000"], "70000 is not a TCP port (1-65535)"),
         (["serve", "--model", "m", "--replicas", "0"], "argument --replicas: must be at least 1"),
+        (["serve", "--model", "m", "--max-rows", "0"], "argument --max-rows: must be at least 1"),
+        (["serve", "--model", "m", "--max-concurrency", "x"], "'x' is not a whole number"),
         (["serve", "--model", "m", "--metrics-port", "http"], "'http' is not a whole number"),
         (
             ["serve", "--model", "m", "--unknown-category", "allow"],
