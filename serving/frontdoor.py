@@ -92,6 +92,10 @@ class FrontDoorTimings:
             ``response_header_timeout``), which is sent once to another replica. Every
             online request must be answered well within it (the row cap sees to that;
             large scoring jobs go to batch scoring).
+        resend_dropped: also send on a request whose replica closed the connection
+            before answering (it died under the request). Then a replica that is
+            killed drops nothing, but a request that kills its replica is sent on to
+            the next one: off by default (see the module docstring).
         fail_duration: after a request to a replica failed, Caddy passes that
             replica over for this long (the active health check takes over).
         upstream_keepalive: idle time after which Caddy closes a connection to a
@@ -106,6 +110,7 @@ class FrontDoorTimings:
     try_duration: float = 5.0
     try_interval: float = 0.05
     first_byte_timeout: float = 2.0
+    resend_dropped: bool = False
     fail_duration: float = 1.0
     upstream_keepalive: float = 2.0
     grace_period: float = 5.0
@@ -187,10 +192,9 @@ def render_caddyfile(
     # The request's own age decides (see the module docstring); Caddy's CEL sees
     # the placeholder as a float. Caddy (2.11) also matches lb_retry_match against
     # every answer, where the status code is set: an answer is never resent.
-    resend = (
-        f"{{http.request.duration_ms}} >= {round(timings.first_byte_timeout * 1000)}.0"
-        " && {http.reverse_proxy.status_code} == null"
-    )
+    no_answer = "{http.reverse_proxy.status_code} == null"
+    timed_out = f"{{http.request.duration_ms}} >= {round(timings.first_byte_timeout * 1000)}.0"
+    resend = no_answer if timings.resend_dropped else f"{timed_out} && {no_answer}"
     access = (
         f"\tlog {{\n\t\toutput {_log_output(log_dir, ACCESS_LOG_FILE)}\n\t}}\n"
         if access_log

@@ -34,6 +34,7 @@ START_TIMEOUT_S = 60.0
 MAX_REQUESTS = 100
 # Short, so the hung-replica tests wait little; try_duration (5 s) stays above twice it.
 FIRST_BYTE_S = 1.0
+TIMINGS = FrontDoorTimings(first_byte_timeout=FIRST_BYTE_S)
 
 
 @contextlib.contextmanager
@@ -42,6 +43,7 @@ def front_door(
     dies: tuple[bool, ...] = (False, False),
     protocol: str = PROTOCOL,
     access_log: bool = False,
+    timings: FrontDoorTimings = TIMINGS,
 ) -> Iterator[tuple[FrontDoor, Slot]]:
     """Caddy in front of one slot of answering replicas, routed; ``dies``: which die mid-answer."""
     (slot,), health_port = make_slots(replicas=len(dies), count=1)
@@ -51,7 +53,7 @@ def front_door(
         [slot],
         health_port,
         tmp_path / "door",
-        FrontDoorTimings(first_byte_timeout=FIRST_BYTE_S),
+        timings,
         access_log=access_log,
     )
     try:
@@ -92,9 +94,12 @@ def front_door(
                 processes.stop_group(replica.proc.pid)
 
 
-def answers_with_one_replica_dying_mid_answer(protocol: str, tmp_path: Path) -> list:
+def answers_with_one_replica_dying_mid_answer(
+    protocol: str, tmp_path: Path, timings: FrontDoorTimings | None = None
+) -> list:
     """Two replicas behind the front door, one dies after its headers: every client's outcome."""
-    with front_door(tmp_path, dies=(True, False), protocol=protocol) as (door, slot):
+    options = {"timings": timings} if timings else {}
+    with front_door(tmp_path, dies=(True, False), protocol=protocol, **options) as (door, slot):
         dying = slot.replicas[0]
         outcomes = []
         with requests.Session() as session:
@@ -123,6 +128,17 @@ def test_a_replica_dying_after_its_headers_fails_only_its_request_cleanly_not_re
     healthy_address = {address for _, address, _ in answered}
     assert all(body == BODY for _, _, body in answered), outcomes
     assert len(healthy_address) <= 1, f"answers from {healthy_address}: only the sibling answers"
+
+
+def test_with_resend_dropped_the_request_a_replica_died_under_is_answered_by_its_sibling(
+    tmp_path,
+):
+    timings = FrontDoorTimings(first_byte_timeout=FIRST_BYTE_S, resend_dropped=True)
+    outcomes = answers_with_one_replica_dying_mid_answer(PROTOCOL, tmp_path, timings)
+
+    healthy_address = {address for _, address, _ in outcomes}
+    assert all(outcome[0] == 200 and outcome[2] == BODY for outcome in outcomes), outcomes
+    assert len(healthy_address) == 1, f"answers from {healthy_address}: only the sibling answers"
 
 
 def test_with_uvicorns_own_protocol_the_same_death_breaks_an_answer(tmp_path):
