@@ -20,10 +20,10 @@ body, bounded by ``FrontDoorLimits.max_body_bytes``, so it can):
 - one that never reached a replica (connection refused, no replica healthy
   yet): always, for up to ``FrontDoorTimings.try_duration``;
 - one whose replica did not send its answer's headers within
-  ``FrontDoorTimings.first_byte_timeout`` (a hung replica): to another replica,
-  again after each such timeout, until the request is ``try_duration`` old
-  (so at most twice with the defaults). Scoring has no side effect, so the
-  answer is the same; the timed-out replica is passed over for
+  ``FrontDoorTimings.first_byte_timeout`` (a hung replica): once, to another
+  replica (a request that is merely slow costs at most two replicas its time,
+  never all of them). Scoring has no side effect, so the answer is the same;
+  the timed-out replica is passed over for
   ``fail_duration``, leaves the rotation as soon as it misses its liveness pings
   (see ``serving._supervisor.Liveness``), and is replaced;
 - one whose replica closed the connection before answering (the process died
@@ -34,10 +34,12 @@ body, bounded by ``FrontDoorLimits.max_body_bytes``, so it can):
 
 Caddy tells the last two apart only by the time the request has taken
 (``lb_retry_match`` sees the request, not the error): a request that reached a
-replica is resent only once it is at least ``first_byte_timeout`` old, which a
-timed-out attempt always is and the attempt of a replica that died under its
-first try never is. (A request that timed out once and then meets a replica
-dying under it is resent too, within ``try_duration``.)
+replica is resent only while it is between one and two ``first_byte_timeout``
+old, which a first timed-out attempt always is (a second one never) and the
+attempt of a replica that died under its first try never is. (A request that
+timed out once and then meets a replica dying under it in that window is
+resent too.) Caddy 2.11 also matches ``lb_retry_match`` against each answer;
+the status code it then sets keeps an answer from ever being resent.
 
 Caddy retries only until an upstream's headers arrive, and forwards them at
 once (``response_buffers`` changes neither), so each model server writes its
@@ -85,7 +87,7 @@ class FrontDoorTimings:
         health_timeout: a probe slower than this counts as unhealthy.
         try_duration: how long a request waits for a healthy replica (or retries one
             that refused it) before the client gets a 503. Longer than twice
-            ``first_byte_timeout``, so a request that timed out is resent at least once.
+            ``first_byte_timeout``, so a request that timed out has its one resend.
         try_interval: pause between those tries.
         first_byte_timeout: a replica that has not sent an answer's headers this long
             after it got the request is given up on for that request (Caddy's
@@ -193,8 +195,10 @@ def render_caddyfile(
     # the placeholder as a float. Caddy (2.11) also matches lb_retry_match against
     # every answer, where the status code is set: an answer is never resent.
     no_answer = "{http.reverse_proxy.status_code} == null"
-    timed_out = f"{{http.request.duration_ms}} >= {round(timings.first_byte_timeout * 1000)}.0"
-    resend = no_answer if timings.resend_dropped else f"{timed_out} && {no_answer}"
+    bound = round(timings.first_byte_timeout * 1000)
+    age = "{http.request.duration_ms}"
+    timed_out_once = f"{age} >= {bound}.0 && {age} < {2 * bound}.0"
+    resend = no_answer if timings.resend_dropped else f"{timed_out_once} && {no_answer}"
     access = (
         f"\tlog {{\n\t\toutput {_log_output(log_dir, ACCESS_LOG_FILE)}\n\t}}\n"
         if access_log
@@ -251,8 +255,8 @@ http://:{port} {{
 		lb_try_duration {_ms(timings.try_duration)}
 		lb_try_interval {_ms(timings.try_interval)}
 		# A request that reached a replica is sent again only if that replica did not
-		# answer within first_byte_timeout (hung), never one whose replica died under
-		# it (see the module docstring). Needs the whole body kept.
+		# answer within first_byte_timeout (hung), and once; never one whose replica
+		# died under it (see the module docstring). Needs the whole body kept.
 		lb_retry_match {{
 			method GET HEAD POST
 			expression `{resend}`

@@ -189,7 +189,7 @@ def test_requests_on_a_hung_replica_are_answered_by_its_sibling_after_the_first_
     assert all(outcome == (200, sibling.address) for outcome in outcomes), outcomes
 
 
-def test_with_every_replica_hung_a_request_fails_with_a_json_504_once_try_duration_is_over(
+def test_a_timed_out_request_is_resent_once_so_with_every_replica_hung_it_gets_a_json_504(
     tmp_path,
 ):
     with front_door(tmp_path) as (door, slot):
