@@ -78,6 +78,7 @@ DEFAULT_REPLICAS_CAP = 4
 MAX_REPLICAS = 16
 FRONT_DOOR_RESTARTS = 5
 FRONT_DOOR_RESTART_WINDOW_S = 60.0
+FRONT_DOOR_CHECK_S = 0.05
 
 __all__ = [
     "VERSION_HEADER",
@@ -244,11 +245,20 @@ class Controller:
                 while not stop.is_set():
                     self._check_front_door()
                     self._poll(stop)
-                    stop.wait(self.poll_interval)
+                    self._wait_for_next_poll(stop)
             except KeyboardInterrupt:  # a second signal insists
                 pass
             finally:
                 self._shutdown()
+
+    def _wait_for_next_poll(self, stop: threading.Event) -> None:
+        """Wait ``poll_interval``, or less if the front door exits meanwhile (it is restarted
+        on the next poll, so its clients see refused connections for less time)."""
+        deadline = time.monotonic() + self.poll_interval
+        door = self.front_door
+        while (remaining := deadline - time.monotonic()) > 0:
+            if stop.wait(min(remaining, FRONT_DOOR_CHECK_S)) or (door and not door.alive()):
+                return
 
     # -- start and stop ------------------------------------------------------
 
