@@ -30,6 +30,7 @@ from serving._planner import (
     ForgetWarm,
     GiveUp,
     MarkWarm,
+    ReplaceReplica,
     RestartReplica,
     RetryReplicaLater,
     Start,
@@ -99,6 +100,13 @@ class Effects:
                 if slot.version is not None:
                     self.supervisor.restart(
                         slot, slot.replicas[action.replica], action.exited, slot is self.active
+                    )
+            case ReplaceReplica():
+                slot = self.slots[action.slot]
+                if slot.version is not None:
+                    replica = slot.replicas[action.replica]
+                    self.supervisor.replace(
+                        slot, replica, action.silent_for, serving=slot is self.active
                     )
             case RetryReplicaLater():
                 slot = self.slots[action.slot]

@@ -66,7 +66,10 @@ def command(name: str, version: str, replica: Replica) -> list[str]:
 
 
 def environment(
-    tracking_uri: str, version: str, model_config: dict[str, Any] | None = None
+    tracking_uri: str,
+    version: str,
+    model_config: dict[str, Any] | None = None,
+    access_log: bool = False,
 ) -> dict[str, str]:
     """The child's environment: this venv first on PATH, and the version on every answer.
 
@@ -77,13 +80,15 @@ def environment(
     mid-answer sends nothing and the front door retries on a sibling
     (``serving/_hold_answers.py``).
     ``model_config`` reaches the pyfunc's ``load_model`` through MLflow's
-    ``SERVING_MODEL_CONFIG``.
+    ``SERVING_MODEL_CONFIG``. ``UVICORN_ACCESS_LOG`` keeps uvicorn's line per
+    request out of the replica's log unless ``access_log`` asks for it.
     """
     extra = {
         "MLFLOW_TRACKING_URI": tracking_uri,
         "MLFLOW_REGISTRY_URI": tracking_uri,
         "UVICORN_HEADERS": f"{VERSION_HEADER}:{version}",
         "UVICORN_HTTP": PROTOCOL,
+        "UVICORN_ACCESS_LOG": "true" if access_log else "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         **SINGLE_THREADED,
     }
@@ -99,6 +104,7 @@ def start(
     tracking_uri: str,
     log_path: Path,
     model_config: dict[str, Any] | None = None,
+    access_log: bool = False,
 ) -> None:
     """Start ``version``'s server as ``replica``, not ready until proved; the replica records it."""
     replica.log_path, replica.ready = log_path, False
@@ -111,7 +117,7 @@ def start(
     replica.proc = processes.spawn(
         command(name, version, replica),
         log_path=log_path,
-        env=environment(tracking_uri, version, model_config),
+        env=environment(tracking_uri, version, model_config, access_log),
     )
 
 
@@ -153,7 +159,7 @@ def prove_ready(replica: Replica, version: str, example: str | None) -> bool:
                 f"{what} answered its own input example with {answer.status_code}: "
                 f"{answer.text[:300]}"
             )
-    replica.ready = True
+    replica.ready, replica.answered_at, replica.missed_pings = True, time.monotonic(), 0
     return True
 
 

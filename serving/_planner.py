@@ -14,8 +14,9 @@ The rules, in the order :func:`plan` applies them on each poll:
 1. **Replicas** (even while the registry is away): a starting version whose
    replica failed its proof is given up (stopped, never routed) and retried
    after ``SwitchPolicy.retry_after``; in a proved version, a replica that died
-   is restarted, one whose restart failed its proof is stopped and restarted
-   again after ``retry_after``.
+   is restarted, one that runs but has not answered a liveness ping for
+   ``SwitchPolicy.replace_after`` (hung) is killed and replaced, and one whose
+   restart failed its proof is stopped and restarted again after ``retry_after``.
 2. **Registry unreachable**: nothing else changes; the last known Production serves.
 3. **Stop what is unneeded**: a live version that is neither served, the
    rollback standby, Production nor Staging, on two polls in a row (the
@@ -52,11 +53,18 @@ class SwitchPolicy:
         drain: time left for requests already sent to an unrouted slot before it stops.
         retry_after: after a version (or a replica's restart) failed to start,
             wait this long before trying again.
+        replace_after: a proved replica whose process runs but that has answered no
+            liveness ping for this long is hung: it is killed and a fresh one started.
+            Longer than the front door's ``first_byte_timeout`` plus the second or so
+            it takes to leave the rotation, so every request sent to it has timed out
+            (and been sent elsewhere) before the kill; killing it sooner would fail
+            them instead.
     """
 
     probe_wait: float = 5.0
     drain: float = 1.0
     retry_after: float = 30.0
+    replace_after: float = 5.0
 
 
 # -- what the controller observed ---------------------------------------------
@@ -73,6 +81,8 @@ class ReplicaState:
         ready: it proved itself (``/ping`` and the input example) since it last started.
         failure: why its proof failed on this poll, if it did.
         retry_at: after a failed restart, the next one is due then.
+        silent_for: seconds since a proved replica last answered a liveness ping, while
+            it keeps missing them (0 while it answers).
     """
 
     running: bool = True
@@ -80,6 +90,7 @@ class ReplicaState:
     ready: bool = True
     failure: str | None = None
     retry_at: float = 0.0
+    silent_for: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,15 @@ class RestartReplica:
 
 
 @dataclass(frozen=True)
+class ReplaceReplica:
+    """A proved replica runs but stopped answering: kill its process group, start a fresh one."""
+
+    slot: int
+    replica: int
+    silent_for: float
+
+
+@dataclass(frozen=True)
 class RetryReplicaLater:
     """A restarted replica failed its proof: stop it, and restart it at ``retry_at``."""
 
@@ -236,6 +256,7 @@ class ForgetWarm:
 Action = (
     GiveUp
     | RestartReplica
+    | ReplaceReplica
     | RetryReplicaLater
     | Stop
     | Start
@@ -298,7 +319,7 @@ class _Planner:
     # -- rule 1: replicas -----------------------------------------------------------
 
     def _tend_replicas(self) -> None:
-        """Give up failed starts, restart dead replicas, back off failed restarts."""
+        """Give up failed starts, restart dead replicas, replace hung ones, back off restarts."""
         for i, slot in list(self.live.items()):
             if not slot.proved:
                 if slot.failure is not None:
@@ -310,6 +331,9 @@ class _Planner:
             replicas = list(slot.replicas)
             for j, replica in enumerate(slot.replicas):
                 if replica.ready and replica.alive:
+                    if replica.silent_for >= self.policy.replace_after:  # hung
+                        self._do(ReplaceReplica(i, j, replica.silent_for))
+                        replicas[j] = ReplicaState(ready=False)
                     continue
                 if replica.ready:  # it had proved itself, and died since
                     self._do(RestartReplica(i, j, exited=True))

@@ -9,10 +9,11 @@ each replica's address on the health port whether it may take traffic; the
 controller routes a version by changing that answer for its whole slot.
 
 A replica answers healthy only while its slot is routed, its server has proved
-that it answers (``/ping`` and the version's input example), and its process
-is alive. So a crashed replica leaves the rotation within one health interval
-on its own while its siblings keep serving, and a restarted one rejoins only
-once it has proved itself again.
+that it answers (``/ping`` and the version's input example), its process is
+alive, and it answered its last liveness ping (``serving._supervisor.Liveness``).
+So a crashed or hung replica leaves the rotation within about a second on its
+own while its siblings keep serving, and a restarted one rejoins only once it
+has proved itself again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ FIRST_ADDRESS = ipaddress.IPv4Address("127.0.0.2")
 LAST_ADDRESS = ipaddress.IPv4Address("127.0.0.254")
 HEALTH_PATH = "/slot-health"
 PORT_ATTEMPTS = 20
+# An idle connection to the health port is closed after this long, so a client
+# that opens connections and sends nothing cannot pin a thread each; the front
+# door probes every replica several times a second on connections it keeps busy.
+HEALTH_IDLE_TIMEOUT_S = 10.0
 
 
 @dataclass(eq=False)
@@ -54,6 +59,10 @@ class Replica:
     retry_at: float = 0.0
     # Why its last proof step failed, until the controller acts on it.
     failure: str | None = None
+    # Liveness, once proved: when it last answered a ping, and how many pings in a
+    # row it has missed since (serving._supervisor.Liveness).
+    answered_at: float = 0.0
+    missed_pings: int = 0
     _probed: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _last_probe: tuple[float, bool] = (0.0, False)
 
@@ -74,7 +83,12 @@ class Replica:
 
     def clear(self) -> None:
         self.proc, self.log_path, self.ready, self.failure = None, None, False, None
-        self.started_at = self.retry_at = 0.0
+        self.started_at = self.retry_at = self.answered_at = 0.0
+        self.missed_pings = 0
+
+    def responsive(self) -> bool:
+        """It answered its last liveness ping (or has not been pinged since it proved itself)."""
+        return self.missed_pings == 0
 
     def record_probe(self, answer: bool) -> None:
         with self._probed:
@@ -135,8 +149,8 @@ class Slot:
         return sum(self.healthy(replica) for replica in self.replicas)
 
     def healthy(self, replica: Replica) -> bool:
-        """What ``replica``'s health port answers: routed, proved, and its process runs."""
-        return self.routed and replica.ready and replica.alive()
+        """What ``replica``'s health port answers: routed, proved, running and answering."""
+        return self.routed and replica.ready and replica.alive() and replica.responsive()
 
     def is_free(self) -> bool:
         return self.version is None and not any(replica.proc for replica in self.replicas)
@@ -220,16 +234,19 @@ def _bindable(address: str, port: int) -> bool:
 class HealthServer:
     """Answers the front door's health probes on ``port`` of every replica's address."""
 
-    def __init__(self, slots: list[Slot], port: int):
+    def __init__(self, slots: list[Slot], port: int, idle_timeout: float = HEALTH_IDLE_TIMEOUT_S):
         self.slots = slots
         self.port = port
+        self.idle_timeout = idle_timeout
         self._servers: list[ThreadingHTTPServer] = []
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         for slot in self.slots:
             for replica in slot.replicas:
-                server = ThreadingHTTPServer((replica.address, self.port), _handler(slot, replica))
+                server = ThreadingHTTPServer(
+                    (replica.address, self.port), _handler(slot, replica, self.idle_timeout)
+                )
                 server.daemon_threads = True
                 thread = threading.Thread(
                     target=server.serve_forever,
@@ -251,9 +268,11 @@ class HealthServer:
         self._threads.clear()
 
 
-def _handler(slot: Slot, replica: Replica) -> type[BaseHTTPRequestHandler]:
+def _handler(slot: Slot, replica: Replica, idle_timeout: float) -> type[BaseHTTPRequestHandler]:
     class ReplicaHealth(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # The socket's timeout: a connection that sends nothing this long is closed.
+        timeout = idle_timeout
 
         def do_GET(self) -> None:
             healthy = slot.healthy(replica)

@@ -5,15 +5,35 @@ and reports what it sees back to it: :meth:`Supervisor.prove` takes every
 starting replica one step of its proof on each poll and records the outcome on
 the replica and its slot (ready, proved, or why it failed); the planner then
 decides whether to route the version, give it up, or restart the replica.
+
+:class:`Liveness` pings every proved replica on a thread of its own, so a
+replica that stops answering (hung, not dead: its process still runs) leaves
+the rotation within about ``PING_TIMEOUT_S`` and, once silent for
+``SwitchPolicy.replace_after``, is replaced (:meth:`Supervisor.replace`).
+
+Each replica's log (``mlflow models serve``'s output; access lines only when
+``access_log`` is asked for) is kept under ``REPLICA_LOG_MAX_BYTES``: past it,
+it is copied to ``<log>.1`` and emptied in place (the server appends, so it
+writes on at the start of the emptied file; a line written during the copy can
+be lost).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import signal
+import subprocess
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from serving import _model_server
 from serving._slots import Replica, Slot
@@ -25,6 +45,12 @@ from stageflow.errors import StageflowError
 logger = logging.getLogger("serving.controller")
 
 LOG_TAIL_LINES = 8
+REPLICA_LOG_MAX_BYTES = 10 * 1024 * 1024
+# Liveness pings: each proved replica every PING_INTERVAL_S; one that has not
+# answered in PING_TIMEOUT_S missed it.
+PING_INTERVAL_S = 0.5
+PING_TIMEOUT_S = 1.0
+KILL_WAIT_S = 5.0
 
 
 class Supervisor:
@@ -45,19 +71,27 @@ class Supervisor:
         directory: Path,
         model_config: dict[str, Any] | None,
         started_pids: list[int],
+        access_log: bool = False,
     ):
         self.model_name = model_name
         self.tracking_uri = tracking_uri
         self.directory = directory
         self.model_config = model_config
         self.started_pids = started_pids
+        self.access_log = access_log
 
     def start(self, slot: Slot, replica: Replica) -> None:
         """Start ``slot``'s version as ``replica`` (appending to its log if it had one)."""
         version = str(slot.version)
         log_path = replica.log_path or self.directory / f"v{version}-replica-{replica.address}.log"
         _model_server.start(
-            self.model_name, version, replica, self.tracking_uri, log_path, self.model_config
+            self.model_name,
+            version,
+            replica,
+            self.tracking_uri,
+            log_path,
+            self.model_config,
+            access_log=self.access_log,
         )
         self.started_pids.append(replica.proc.pid)
 
@@ -124,6 +158,36 @@ class Supervisor:
         replica.log_path = log_path
         self.start(slot, replica)
 
+    def replace(self, slot: Slot, replica: Replica, silent_for: float, serving: bool) -> None:
+        """Kill a hung replica's process group (it answers no signal it would have to
+        handle, SIGTERM included) and start a fresh one in its place."""
+        meanwhile = (
+            f"{slot.serving()} other replica(s) serve meanwhile"
+            if serving
+            else f"version {slot.version} is not routed"
+        )
+        logger.error(
+            "version %s's replica on %s (pid %s) runs but has answered no liveness ping for "
+            "%.1fs; killing it and starting a fresh one (%s). Its log: %s, ending:\n%s",
+            slot.version,
+            replica.address,
+            replica.pid,
+            silent_for,
+            meanwhile,
+            replica.log_path,
+            indent(processes.tail(replica.log_path, lines=LOG_TAIL_LINES)),
+        )
+        if replica.proc is not None:
+            _kill_group(replica.proc)
+        self.restart(slot, replica, exited=False, serving=serving)
+
+    def cap_logs(self, slots: list[Slot]) -> None:
+        """Keep every replica's log under ``REPLICA_LOG_MAX_BYTES`` (see the module docstring)."""
+        for slot in slots:
+            for replica in slot.replicas:
+                if replica.log_path is not None:
+                    cap_log(replica.log_path, REPLICA_LOG_MAX_BYTES)
+
     def retry_later(self, slot: Slot, replica: Replica, error: str, retry_at: float) -> None:
         """Stop a restarted replica that failed its proof; it is restarted at ``retry_at``."""
         log_path = replica.log_path
@@ -144,3 +208,93 @@ class Supervisor:
 
 def indent(text: str) -> str:
     return textwrap.indent(text, "    ")
+
+
+def cap_log(path: Path, max_bytes: int) -> bool:
+    """Past ``max_bytes``, copy ``path`` to ``<path>.1`` and empty it in place; True if it did.
+
+    The writer keeps its file open in append mode, so it goes on writing at the
+    start of the emptied file (the ``copytruncate`` of logrotate).
+    """
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+        shutil.copyfile(path, path.with_name(path.name + ".1"))
+        os.truncate(path, 0)
+    except OSError as exc:
+        logger.warning("could not cap the log %s: %s", path, exc)
+        return False
+    return True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=KILL_WAIT_S)
+
+
+class Liveness:
+    """Pings every proved, running replica every ``interval``; records who answers.
+
+    A ping is ``GET /ping`` with a ``timeout``; the replica's ``answered_at`` and
+    ``missed_pings`` say how it went (``Replica.responsive``, ``Slot.healthy``). A
+    replica that is busy scoring still answers: MLflow's scoring server predicts
+    on a worker thread, and its event loop answers ``/ping``. All replicas are
+    pinged at once, so one that hangs delays no other's ping.
+    """
+
+    def __init__(
+        self,
+        slots: list[Slot],
+        interval: float = PING_INTERVAL_S,
+        timeout: float = PING_TIMEOUT_S,
+    ):
+        self.slots = slots
+        self.interval = interval
+        self.timeout = timeout
+        self._stop = threading.Event()
+        count = sum(len(slot.replicas) for slot in slots)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, count), thread_name_prefix="liveness")
+        self._thread = threading.Thread(target=self._run, name="replica-liveness", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.timeout + 5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def ping_all(self) -> None:
+        """One round: ping every proved, running replica at once, and record the answers."""
+        targets = [
+            (replica, replica.proc)
+            for slot in self.slots
+            for replica in slot.replicas
+            if replica.ready and replica.alive()
+        ]
+        answers = list(self._pool.map(lambda target: self._answers(target[0]), targets))
+        now = time.monotonic()
+        for (replica, proc), answered in zip(targets, answers, strict=True):
+            if replica.proc is not proc or not replica.ready:
+                continue  # restarted meanwhile: the new one proves itself
+            if answered:
+                replica.answered_at, replica.missed_pings = now, 0
+            else:
+                replica.missed_pings += 1
+
+    def _answers(self, replica: Replica) -> bool:
+        try:
+            return requests.get(replica.url + "/ping", timeout=self.timeout).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                self.ping_all()
+            except Exception:
+                logger.exception("a round of liveness pings failed")
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))

@@ -11,9 +11,11 @@ It polls the registry and brings what runs in line with what it reads. Each
 poll is observe → plan → execute:
 
 - **observe**: read the registry's Production and Staging versions (or note
-  that the tracking server is away), and take every starting replica one step
+  that the tracking server is away), take every starting replica one step
   of its proof (``/ping``, then the version's own input example;
-  :class:`serving._supervisor.Supervisor`);
+  :class:`serving._supervisor.Supervisor`), and read which proved replicas have
+  stopped answering their liveness pings (:class:`serving._supervisor.Liveness`,
+  on a thread of its own);
 - **plan**: :func:`serving._planner.plan` turns that, and the clock, into
   actions — start a version as Production or Staging, switch to a proved one,
   stop one no longer needed, give up a failed start and retry it later,
@@ -33,6 +35,12 @@ step further, so a rollback is not held up by a version warming beside it.
 At every moment some replica is healthy, so no request is dropped; a request
 that arrives while none is (nothing promoted yet) waits up to
 ``FrontDoorTimings.try_duration`` for one.
+
+The controller also supervises the front door: a Caddy that exits is started
+again in place, on the same port with the same configuration (its clients see
+refused connections for the second that takes); one that keeps dying
+(``FRONT_DOOR_RESTARTS`` times within ``FRONT_DOOR_RESTART_WINDOW_S``) ends
+``serve`` with its log named.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from serving._effects import Effects
 from serving._model_server import VERSION_HEADER
 from serving._planner import ReplicaState, SlotState, SwitchPolicy
 from serving._slots import HealthServer, Replica, Slot, make_slots
-from serving._supervisor import LOG_TAIL_LINES, Supervisor, indent
+from serving._supervisor import LOG_TAIL_LINES, Liveness, Supervisor, indent
 from serving.frontdoor import FrontDoor, FrontDoorTimings
 from stageflow import processes, tracking
 from stageflow.errors import StageflowError, UsageError
@@ -68,6 +76,9 @@ logger = logging.getLogger(__name__)
 # of the model for each live version (serving, rollback standby, warm Staging).
 DEFAULT_REPLICAS_CAP = 4
 MAX_REPLICAS = 16
+FRONT_DOOR_RESTARTS = 5
+FRONT_DOOR_RESTART_WINDOW_S = 60.0
+FRONT_DOOR_CHECK_S = 0.05
 
 __all__ = [
     "VERSION_HEADER",
@@ -98,6 +109,7 @@ def serve(
     metrics_port: int | None = None,
     replicas: int | None = None,
     model_config: dict[str, Any] | None = None,
+    access_log: bool = False,
 ) -> None:
     """Serve ``model_name``'s Production version on ``http://127.0.0.1:port`` until stopped.
 
@@ -106,6 +118,8 @@ def serve(
     as the pyfunc's ``model_config`` (MLflow's ``SERVING_MODEL_CONFIG``).
     Caddy's Prometheus metrics are served on ``http://127.0.0.1:METRICS_PORT/metrics``
     (a free port, logged at start, unless ``metrics_port`` names one).
+    ``access_log`` turns on a line per request in the front door's ``access.log``
+    (rolled) and in each replica's log (capped); both are off by default.
 
     Blocks until SIGINT/SIGTERM (when called on the main thread) or until
     ``stop_event`` is set, then stops the front door and every model server.
@@ -116,7 +130,7 @@ def serve(
     Raises:
         TrackingServerUnreachable: the tracking server did not answer at start.
         UsageError: the port is already taken, or ``replicas`` is out of range.
-        StageflowError: the front door could not start or died while serving.
+        StageflowError: the front door could not start, or kept dying while serving.
     """
     Controller(
         model_name,
@@ -127,6 +141,7 @@ def serve(
         metrics_port=metrics_port,
         replicas=replicas,
         model_config=model_config,
+        access_log=access_log,
     ).run(stop_event)
 
 
@@ -151,6 +166,7 @@ class Controller:
         metrics_port: int | None = None,
         replicas: int | None = None,
         model_config: dict[str, Any] | None = None,
+        access_log: bool = False,
     ):
         replicas = default_replicas() if replicas is None else replicas
         if not 1 <= replicas <= MAX_REPLICAS:
@@ -164,6 +180,7 @@ class Controller:
         self.policy = policy
         self.metrics_port = metrics_port
         self.replicas = replicas
+        self.access_log = access_log
         # Every replica logs what it answers unless the config turns the log off.
         self.model_config = inference_log.serving_config(model_config, home or tracking.home())
         self.slots: list[Slot] = []
@@ -172,6 +189,8 @@ class Controller:
         self.serving = threading.Event()
         self._client: MlflowClient | None = None
         self._health: HealthServer | None = None
+        self._liveness: Liveness | None = None
+        self._front_door_restarts: list[float] = []
         # Made once the slots exist (_start): they carry out the plans.
         self._effects: Effects | None = None
         # Live versions the last plan found unneeded (slot → version); see serving._planner.
@@ -226,11 +245,20 @@ class Controller:
                 while not stop.is_set():
                     self._check_front_door()
                     self._poll(stop)
-                    stop.wait(self.poll_interval)
+                    self._wait_for_next_poll(stop)
             except KeyboardInterrupt:  # a second signal insists
                 pass
             finally:
                 self._shutdown()
+
+    def _wait_for_next_poll(self, stop: threading.Event) -> None:
+        """Wait ``poll_interval``, or less if the front door exits meanwhile (it is restarted
+        on the next poll, so its clients see refused connections for less time)."""
+        deadline = time.monotonic() + self.poll_interval
+        door = self.front_door
+        while (remaining := deadline - time.monotonic()) > 0:
+            if stop.wait(min(remaining, FRONT_DOOR_CHECK_S)) or (door and not door.alive()):
+                return
 
     # -- start and stop ------------------------------------------------------
 
@@ -239,13 +267,20 @@ class Controller:
         self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.slots, health_port = make_slots(self.replicas)
         supervisor = Supervisor(
-            self.model_name, self.uri, self.directory, self.model_config, self.started_pids
+            self.model_name,
+            self.uri,
+            self.directory,
+            self.model_config,
+            self.started_pids,
+            access_log=self.access_log,
         )
         self._effects = Effects(
             self.model_name, self.url, self.slots, supervisor, self.policy, self.timings
         )
         self._health = HealthServer(self.slots, health_port)
         self._health.start()
+        self._liveness = Liveness(self.slots)
+        self._liveness.start()
         self.front_door = FrontDoor(
             self.port,
             self.slots,
@@ -253,6 +288,7 @@ class Controller:
             self.directory,
             self.timings,
             metrics_port=self.metrics_port or processes.free_port(),
+            access_log=self.access_log,
         )
         proc = self.front_door.start()
         self.started_pids.append(proc.pid)
@@ -281,6 +317,8 @@ class Controller:
         # The front door first, so nothing new reaches a model server that is stopping.
         if self.front_door is not None:
             self.front_door.stop()
+        if self._liveness is not None:
+            self._liveness.close()
         if self._effects is not None:
             self._effects.stop_all()
         if self._health is not None:
@@ -289,18 +327,42 @@ class Controller:
             logger.info("stopped serving %s", self.model_name)
 
     def _check_front_door(self) -> None:
+        """Start Caddy again in place if it exited; give up if it keeps exiting."""
         door = self.front_door
-        if door is not None and not door.alive():
-            code = door.proc.returncode if door.proc else None
+        if door is None or door.alive():
+            return
+        code = door.proc.returncode if door.proc else None
+        now = time.monotonic()
+        recent = [t for t in self._front_door_restarts if now - t < FRONT_DOOR_RESTART_WINDOW_S]
+        self._front_door_restarts = [*recent, now]
+        if len(recent) >= FRONT_DOOR_RESTARTS:
             logger.error(
-                "the front door (Caddy) exited with code %s; its log: %s, ending:\n%s",
+                "the front door (Caddy) exited with code %s, %d times in %.0fs; giving up. "
+                "Its log: %s, ending:\n%s",
                 code,
+                len(recent) + 1,
+                FRONT_DOOR_RESTART_WINDOW_S,
                 door.log_path,
-                indent(processes.tail(door.log_path, lines=LOG_TAIL_LINES)),
+                indent(door.ending(LOG_TAIL_LINES)),
             )
             raise StageflowError(
-                f"the front door (Caddy) exited with code {code}; its log: {door.log_path}"
+                f"the front door (Caddy) kept exiting (last code {code}); its log: {door.log_path}"
             )
+        logger.error(
+            "the front door (Caddy) exited with code %s; starting it again on %s (the model "
+            "servers keep running). Its log: %s, ending:\n%s",
+            code,
+            self.url,
+            door.log_path,
+            indent(door.ending(LOG_TAIL_LINES)),
+        )
+        try:
+            proc = door.restart()
+        except StageflowError as exc:  # UsageError included: another program took the port
+            logger.error("the front door did not start again: %s; trying again", exc)
+            return
+        self.started_pids.append(proc.pid)
+        logger.info("the front door listens again on %s (Caddy pid %d)", self.url, proc.pid)
 
     # -- one poll: observe → plan → execute ------------------------------------
 
@@ -309,6 +371,7 @@ class Controller:
         assert effects is not None, "_start makes the effects"
         stages = self._read_registry()
         effects.supervisor.prove(self.slots)
+        effects.supervisor.cap_logs(self.slots)
         plan = _planner.plan(self._observe(stages), self.policy)
         self._unneeded = dict(plan.unneeded)
         for action in plan.actions:
@@ -323,10 +386,11 @@ class Controller:
         """What the planner decides on: the registry's stages, the slots, and the clock."""
         effects = self._effects
         assert effects is not None, "_start makes the effects"
+        now = time.monotonic()
         return _planner.State(
-            now=time.monotonic(),
+            now=now,
             registry=None if stages is None else _planner.RegistryState(*stages),
-            slots=tuple(_slot_state(slot) for slot in self.slots),
+            slots=tuple(_slot_state(slot, now) for slot in self.slots),
             serving=effects.index(effects.active),
             standby=effects.index(effects.standby),
             warm=effects.index(effects.warm),
@@ -403,7 +467,7 @@ class Controller:
             yield from slot.replicas
 
 
-def _slot_state(slot: Slot) -> SlotState:
+def _slot_state(slot: Slot, now: float) -> SlotState:
     """What the planner needs to know about ``slot``, read from its processes now."""
     return SlotState(
         version=slot.version,
@@ -419,6 +483,9 @@ def _slot_state(slot: Slot) -> SlotState:
                 ready=replica.ready,
                 failure=replica.failure,
                 retry_at=replica.retry_at,
+                silent_for=(
+                    now - replica.answered_at if replica.ready and not replica.responsive() else 0.0
+                ),
             )
             for replica in slot.replicas
         ),

@@ -9,16 +9,47 @@ least_conn`` spreads requests over the healthy replicas, and the controller
 switches versions by changing which slot's replicas answer healthy. The admin
 API is off, so nothing can reload it.
 
-A replica that dies mid-request does not fail the request: Caddy buffers each
-request body (bounded by ``FrontDoorLimits.max_body_bytes``) and retries a
-failed ``POST`` on another replica. That is safe because a prediction has no
-side effect: sending it twice gives the same answer. A refused connection is
-retried for any request, and the failed replica is passed over for
-``FrontDoorTimings.fail_duration`` until the active health check notices.
+Only what clients need is routed: ``POST /invocations`` and ``GET /ping``
+(which answers 200 once some replica serves). Every other path, the replicas'
+``/version`` and ``/health`` included, is answered 404 by the front door itself,
+in the JSON shape of every other error.
+
+Which requests are sent again to another replica (Caddy buffers each request
+body, bounded by ``FrontDoorLimits.max_body_bytes``, so it can):
+
+- one that never reached a replica (connection refused, no replica healthy
+  yet): always, for up to ``FrontDoorTimings.try_duration``;
+- one whose replica did not send its answer's headers within
+  ``FrontDoorTimings.first_byte_timeout`` (a hung replica): once, to another
+  replica (a request that is merely slow costs at most two replicas its time,
+  never all of them). Scoring has no side effect, so the answer is the same;
+  the timed-out replica is passed over for
+  ``fail_duration``, leaves the rotation as soon as it misses its liveness pings
+  (see ``serving._supervisor.Liveness``), and is replaced;
+- one whose replica closed the connection before answering (the process died
+  under it): never. Caddy cannot tell a replica that was killed from one that a
+  request killed, and sending a request of death on would take down its
+  siblings one by one. The client gets a 502 in the JSON error shape and may
+  send it again itself.
+
+Caddy tells the last two apart only by the time the request has taken
+(``lb_retry_match`` sees the request, not the error): a request that reached a
+replica is resent only while it is between one and two ``first_byte_timeout``
+old, which a first timed-out attempt always is (a second one never) and the
+attempt of a replica that died under its first try never is. (A request that
+timed out once and then meets a replica dying under it in that window is
+resent too.) Caddy 2.11 also matches ``lb_retry_match`` against each answer;
+the status code it then sets keeps an answer from ever being resent.
+
 Caddy retries only until an upstream's headers arrive, and forwards them at
 once (``response_buffers`` changes neither), so each model server writes its
 whole answer at once (``serving/_hold_answers.py``): a replica that dies
-mid-answer has sent nothing, and the request goes to a sibling.
+mid-answer has sent nothing, and the client gets a clean 502, never a 200 with
+half a body.
+
+Logs stay bounded: Caddy's own log is ``caddy.log``, rolled by Caddy at
+``LOG_ROLL_MB`` (``LOG_ROLL_KEEP`` old files kept); its access log (one line per
+request) is off unless ``access_log`` is asked for, and then rolled the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +67,13 @@ logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 CADDYFILE = "Caddyfile"
+# Caddy's own log (rolled by Caddy), its access log when asked for, and what the
+# process itself prints before its logging is set up (a bad config, a panic).
 LOG_FILE = "caddy.log"
+ACCESS_LOG_FILE = "access.log"
+PROCESS_LOG_FILE = "caddy-process.log"
+LOG_ROLL_MB = 10
+LOG_ROLL_KEEP = 3
 START_TIMEOUT_S = 30.0
 
 
@@ -49,8 +86,18 @@ class FrontDoorTimings:
             within about one interval.
         health_timeout: a probe slower than this counts as unhealthy.
         try_duration: how long a request waits for a healthy replica (or retries one
-            that refused or dropped it) before the client gets a 503.
+            that refused it) before the client gets a 503. Longer than twice
+            ``first_byte_timeout``, so a request that timed out has its one resend.
         try_interval: pause between those tries.
+        first_byte_timeout: a replica that has not sent an answer's headers this long
+            after it got the request is given up on for that request (Caddy's
+            ``response_header_timeout``), which is sent once to another replica. Every
+            online request must be answered well within it (the row cap sees to that;
+            large scoring jobs go to batch scoring).
+        resend_dropped: also send on a request whose replica closed the connection
+            before answering (it died under the request). Then a replica that is
+            killed drops nothing, but a request that kills its replica is sent on to
+            the next one: off by default (see the module docstring).
         fail_duration: after a request to a replica failed, Caddy passes that
             replica over for this long (the active health check takes over).
         upstream_keepalive: idle time after which Caddy closes a connection to a
@@ -64,6 +111,8 @@ class FrontDoorTimings:
     health_timeout: float = 1.0
     try_duration: float = 5.0
     try_interval: float = 0.05
+    first_byte_timeout: float = 2.0
+    resend_dropped: bool = False
     fail_duration: float = 1.0
     upstream_keepalive: float = 2.0
     grace_period: float = 5.0
@@ -97,6 +146,17 @@ _UNSUPPORTED_BODY = (
     '{"error_code": "UNSUPPORTED_MEDIA_TYPE", "message": "send Content-Type '
     'application/json, text/csv or application/vnd.apache.parquet"}'
 )
+# What a client gets when its replica died under the request, or did not answer in time.
+_UPSTREAM_FAILED_BODY = (
+    '{"error_code": "MODEL_SERVER_FAILED", "message": "the model server handling this request '
+    "ended or did not answer in time ({err.status_code} {err.status_text}); the request may be "
+    'sent again; see the log of stageflow serve"}'
+)
+# Only /invocations and /ping are routed to the replicas.
+_NOT_FOUND_BODY = (
+    '{"error_code": "ENDPOINT_NOT_FOUND", "message": "the front door answers POST /invocations '
+    'and GET /ping only"}'
+)
 # What a client gets when no replica is healthy (nothing promoted yet, or every
 # replica of the serving version crashed): JSON in the shape of MLflow's own errors.
 _UNAVAILABLE_BODY = (
@@ -112,12 +172,15 @@ def render_caddyfile(
     timings: FrontDoorTimings = FrontDoorTimings(),  # frozen, so safe to share
     limits: FrontDoorLimits = FrontDoorLimits(),  # frozen
     metrics_port: int | None = None,
+    log_dir: Path | None = None,
+    access_log: bool = False,
 ) -> str:
     """The whole, fixed front-door configuration.
 
     With ``metrics_port``, Caddy's Prometheus metrics (requests, durations and
     status codes; each upstream's health) are served at
-    ``http://127.0.0.1:METRICS_PORT/metrics``.
+    ``http://127.0.0.1:METRICS_PORT/metrics``. Caddy logs to rolled files in
+    ``log_dir`` (to stderr without one); ``access_log`` adds one line per request.
     """
     upstreams = " ".join(
         f"{replica.address}:{replica.port}" for slot in slots for replica in slot.replicas
@@ -126,6 +189,19 @@ def render_caddyfile(
     metrics = (
         f"\nhttp://:{metrics_port} {{\n\tbind {HOST}\n\tmetrics /metrics\n}}\n"
         if metrics_port
+        else ""
+    )
+    # The request's own age decides (see the module docstring); Caddy's CEL sees
+    # the placeholder as a float. Caddy (2.11) also matches lb_retry_match against
+    # every answer, where the status code is set: an answer is never resent.
+    no_answer = "{http.reverse_proxy.status_code} == null"
+    bound = round(timings.first_byte_timeout * 1000)
+    age = "{http.request.duration_ms}"
+    timed_out_once = f"{age} >= {bound}.0 && {age} < {2 * bound}.0"
+    resend = no_answer if timings.resend_dropped else f"{timed_out_once} && {no_answer}"
+    access = (
+        f"\tlog {{\n\t\toutput {_log_output(log_dir, ACCESS_LOG_FILE)}\n\t}}\n"
+        if access_log
         else ""
     )
     return f"""\
@@ -143,7 +219,7 @@ def render_caddyfile(
 		}}
 	}}
 	log {{
-		output stderr
+		output {_log_output(log_dir, LOG_FILE)}
 		# One line per probe of every unrouted replica, several a second; the
 		# controller logs each switch instead.
 		exclude http.handlers.reverse_proxy.health_checker.active
@@ -152,7 +228,7 @@ def render_caddyfile(
 
 http://:{port} {{
 	bind {HOST}
-	request_body {{
+{access}	request_body {{
 		max_size {limits.max_body_bytes}
 	}}
 	@unsupported {{
@@ -167,16 +243,23 @@ http://:{port} {{
 	@no_request_id not header X-Request-Id *
 	request_header @no_request_id X-Request-Id {{http.request.uuid}}
 	header >X-Request-Id {{http.request.header.X-Request-Id}}
+	# Clients need scoring and a liveness check; the replicas' /version, /health
+	# and whatever else MLflow's app answers are not published.
+	@unrouted not path /invocations /ping
+	header @unrouted Content-Type application/json
+	respond @unrouted `{_NOT_FOUND_BODY}` 404
 	header @unsupported Content-Type application/json
 	respond @unsupported `{_UNSUPPORTED_BODY}` 415
 	reverse_proxy {upstreams} {{
 		lb_policy least_conn
 		lb_try_duration {_ms(timings.try_duration)}
 		lb_try_interval {_ms(timings.try_interval)}
-		# A prediction has no side effect, so a POST whose replica died mid-answer
-		# is sent again to another one; that needs the whole body kept.
+		# A request that reached a replica is sent again only if that replica did not
+		# answer within first_byte_timeout (hung), and once; never one whose replica
+		# died under it (see the module docstring). Needs the whole body kept.
 		lb_retry_match {{
 			method GET HEAD POST
+			expression `{resend}`
 		}}
 		request_buffers {limits.max_body_bytes}
 		fail_duration {_ms(timings.fail_duration)}
@@ -186,12 +269,18 @@ http://:{port} {{
 		health_timeout {_ms(timings.health_timeout)}
 		transport http {{
 			keepalive {_ms(timings.upstream_keepalive)}
+			response_header_timeout {_ms(timings.first_byte_timeout)}
 		}}
 	}}
 	handle_errors 413 {{
 		header X-Request-Id {{http.request.header.X-Request-Id}}
 		header Content-Type application/json
 		respond `{too_large}` 413
+	}}
+	handle_errors 502 504 {{
+		header X-Request-Id {{http.request.header.X-Request-Id}}
+		header Content-Type application/json
+		respond `{_UPSTREAM_FAILED_BODY}` {{err.status_code}}
 	}}
 	handle_errors {{
 		header X-Request-Id {{http.request.header.X-Request-Id}}
@@ -200,6 +289,16 @@ http://:{port} {{
 	}}
 }}
 {metrics}"""
+
+
+def _log_output(log_dir: Path | None, name: str) -> str:
+    """A Caddy log ``output``: a file rolled at ``LOG_ROLL_MB``, or stderr."""
+    if log_dir is None:
+        return "stderr"
+    return (
+        f'file "{log_dir / name}" {{\n\t\t\troll_size {LOG_ROLL_MB}MiB\n'
+        f"\t\t\troll_keep {LOG_ROLL_KEEP}\n\t\t}}"
+    )
 
 
 def _ms(seconds: float) -> str:
@@ -218,8 +317,10 @@ class FrontDoor:
         timings: FrontDoorTimings = FrontDoorTimings(),  # frozen
         limits: FrontDoorLimits = FrontDoorLimits(),  # frozen
         metrics_port: int | None = None,
+        access_log: bool = False,
     ):
         self.port = port
+        self.access_log = access_log
         self.limits = limits
         self.metrics_port = metrics_port
         self.slots = slots
@@ -242,7 +343,21 @@ class FrontDoor:
 
     @property
     def log_path(self) -> Path:
+        """Caddy's own log (rolled by Caddy)."""
         return self.directory / LOG_FILE
+
+    @property
+    def process_log_path(self) -> Path:
+        """What the Caddy process printed outside its log: a config it refused, a panic."""
+        return self.directory / PROCESS_LOG_FILE
+
+    def ending(self, lines: int) -> str:
+        """The last ``lines`` of Caddy's log and of its process output, for a log line."""
+        return "\n".join(
+            tail
+            for path in (self.log_path, self.process_log_path)
+            if (tail := processes.tail(path, lines=lines).strip())
+        )
 
     def start(self) -> subprocess.Popen:
         """Write the config, start Caddy and wait until it listens.
@@ -266,6 +381,8 @@ class FrontDoor:
                 self.timings,
                 self.limits,
                 self.metrics_port,
+                log_dir=self.directory,
+                access_log=self.access_log,
             )
         )
         # Caddy keeps state under XDG folders (certificates, autosaved config);
@@ -284,14 +401,14 @@ class FrontDoor:
             "--adapter",
             "caddyfile",
         ]
-        self.proc = processes.spawn(command, log_path=self.log_path, env=env)
+        self.proc = processes.spawn(command, log_path=self.process_log_path, env=env)
         try:
             processes.wait_until(
                 lambda: processes.port_in_use(HOST, self.port),
                 timeout=START_TIMEOUT_S,
                 proc=self.proc,
                 what=f"Caddy on {self.url}",
-                log_path=self.log_path,
+                log_path=self.process_log_path,
             )
         except (RuntimeError, TimeoutError) as exc:
             self.stop()
@@ -300,6 +417,15 @@ class FrontDoor:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def restart(self) -> subprocess.Popen:
+        """Start Caddy again on the same port with the same config, after it exited.
+
+        Whatever the dead process left in its group is killed first: a child still
+        holding the port would make the new one fail to listen.
+        """
+        self.stop()
+        return self.start()
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -84,6 +84,13 @@ def add_commands(commands) -> None:
         help="serve Caddy's Prometheus metrics on 127.0.0.1:PORT/metrics (default: a free port, "
         "logged at start)",
     )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log a line per request: the front door's access.log (rolled at 10 MiB, 3 kept) "
+        "and each model server's log (capped at 10 MiB); off by default, so logs stay small "
+        "under load",
+    )
     add_tracking(serve)
 
 
@@ -110,5 +117,6 @@ def run(args) -> int:
         metrics_port=args.metrics_port,
         replicas=args.replicas,
         model_config={**guard_config(args), inference_log.INFERENCE_LOG: log},
+        access_log=args.access_log,
     )
     return 0

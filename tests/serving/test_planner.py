@@ -18,6 +18,7 @@ from serving._planner import (
     GiveUp,
     MarkWarm,
     RegistryState,
+    ReplaceReplica,
     ReplicaState,
     RestartReplica,
     RetryReplicaLater,
@@ -435,6 +436,30 @@ def test_a_replica_whose_restart_failed_is_stopped_and_restarted_after_the_back_
     assert actions(slots, production="1", now=NOW + 29.0, serving=0) == ()
     assert actions(slots, production="1", now=NOW + 30.0, serving=0) == (
         RestartReplica(0, 1, exited=False),
+    )
+
+
+def test_a_hung_replica_is_replaced_once_silent_for_replace_after_while_its_siblings_serve():
+    hung = ReplicaState(silent_for=POLICY.replace_after)
+    slots = [live("1", routed=True, replicas=(READY, hung))]
+    assert actions(slots, production="1", serving=0) == (
+        ReplaceReplica(0, 1, POLICY.replace_after),
+    )
+
+
+def test_a_replica_that_missed_pings_for_less_than_replace_after_is_left_running():
+    # Out of the rotation already (its health answer says so), but requests sent to
+    # it before that may still be timing out at the front door: not killed yet.
+    quiet = ReplicaState(silent_for=POLICY.replace_after - 0.5)
+    slots = [live("1", routed=True, replicas=(READY, quiet))]
+    assert actions(slots, production="1", serving=0) == ()
+
+
+def test_a_hung_replica_is_replaced_even_while_the_tracking_server_is_unreachable():
+    hung = ReplicaState(silent_for=60.0)
+    slots = [live("1", routed=True, replicas=(hung,))]
+    assert actions(slots, production=None, reachable=False, serving=0) == (
+        ReplaceReplica(0, 0, 60.0),
     )
 
 

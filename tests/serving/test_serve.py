@@ -246,17 +246,19 @@ def test_a_killed_model_server_is_restarted_and_serving_resumes(
 
 
 def answered(replica: Replica) -> int:
-    """How many /invocations this replica's server answered (uvicorn's access log)."""
+    """How many /invocations this replica's server answered (uvicorn's access log, turned on)."""
     return replica.log_path.read_text(errors="replace").count('"POST /invocations HTTP/1.1" 200')
 
 
-def test_replicas_share_the_load_and_a_killed_one_drops_nothing_and_is_restarted(
+def test_replicas_share_the_load_and_a_killed_one_fails_only_what_it_held_and_is_restarted(
     wine_model, client, wine_request, start_serving, caplog
 ):
+    """A killed replica's requests in flight are not sent on (a request can be what killed
+    it, serving.frontdoor): each gets a clean 502; every other request is answered."""
     name, (version,) = copy_versions(client, wine_model[0], [wine_model[1]], "serve-replicas")
     move(client, name, version, PRODUCTION)
     caplog.set_level(logging.INFO, logger="serving.controller")
-    running = start_serving(name, replicas=2)
+    running = start_serving(name, replicas=2, access_log=True)
     assert running.wait_serving(timeout=START_TIMEOUT_S) == version
     controller: Controller = running.controller
     first, second = controller._active.replicas
@@ -284,8 +286,10 @@ def test_replicas_share_the_load_and_a_killed_one_drops_nothing_and_is_restarted
             lambda: answered(second) >= back + 5, timeout=30, what="the restarted replica's answers"
         )
 
-    assert load.failures == [], f"{len(load.failures)} of {len(load.answers)} requests failed"
-    assert {served for _, served in load.answers} == {version}
+    # At most one request per client was on the killed replica when it died.
+    assert all(status == 502 for status, _ in load.failures), load.failures
+    assert len(load.failures) <= 3, f"{len(load.failures)} of {len(load.answers)} requests failed"
+    assert {served for status, served in load.answers if status == 200} == {version}
     assert not processes.group_alive(killed)
     assert first.alive(), "the replica that was not killed kept running"
     assert any(
