@@ -27,10 +27,13 @@ body, bounded by ``FrontDoorLimits.max_body_bytes``, so it can):
   ``fail_duration``, leaves the rotation as soon as it misses its liveness pings
   (see ``serving._supervisor.Liveness``), and is replaced;
 - one whose replica closed the connection before answering (the process died
-  under it): never. Caddy cannot tell a replica that was killed from one that a
-  request killed, and sending a request of death on would take down its
-  siblings one by one. The client gets a 502 in the JSON error shape and may
-  send it again itself.
+  under it): sent on, by default (``resend_dropped``), because DESIGN.md's
+  contract is that a replica dying drops no request. Caddy cannot tell a replica
+  that was killed from one that a request killed, so a request of death would go
+  on to a sibling; what bounds that risk is upstream of Caddy: the row cap and the
+  concurrency bound (``serving._admission``) refuse the requests that could exhaust a
+  replica, and the controller restarts a dead one. ``resend_dropped=False`` gives
+  the other trade: the client gets a 502 in the JSON error shape instead.
 
 Caddy tells the last two apart only by the time the request has taken
 (``lb_retry_match`` sees the request, not the error): a request that reached a
@@ -97,7 +100,7 @@ class FrontDoorTimings:
         resend_dropped: also send on a request whose replica closed the connection
             before answering (it died under the request). Then a replica that is
             killed drops nothing, but a request that kills its replica is sent on to
-            the next one: off by default (see the module docstring).
+            the next one (see the module docstring). On by default.
         fail_duration: after a request to a replica failed, Caddy passes that
             replica over for this long (the active health check takes over).
         upstream_keepalive: idle time after which Caddy closes a connection to a
@@ -112,7 +115,7 @@ class FrontDoorTimings:
     try_duration: float = 5.0
     try_interval: float = 0.05
     first_byte_timeout: float = 2.0
-    resend_dropped: bool = False
+    resend_dropped: bool = True
     fail_duration: float = 1.0
     upstream_keepalive: float = 2.0
     grace_period: float = 5.0
@@ -198,7 +201,13 @@ def render_caddyfile(
     bound = round(timings.first_byte_timeout * 1000)
     age = "{http.request.duration_ms}"
     timed_out_once = f"{age} >= {bound}.0 && {age} < {2 * bound}.0"
-    resend = no_answer if timings.resend_dropped else f"{timed_out_once} && {no_answer}"
+    # Dropped (the replica died under it): sent on while younger than two bounds, so a
+    # request that keeps killing replicas, or keeps timing out, stops within that window.
+    resend = (
+        f"{age} < {2 * bound}.0 && {no_answer}"
+        if timings.resend_dropped
+        else f"{timed_out_once} && {no_answer}"
+    )
     access = (
         f"\tlog {{\n\t\toutput {_log_output(log_dir, ACCESS_LOG_FILE)}\n\t}}\n"
         if access_log

@@ -117,9 +117,12 @@ def answers_with_one_replica_dying_mid_answer(
         return outcomes
 
 
-def test_a_replica_dying_after_its_headers_fails_only_its_request_cleanly_not_retried(tmp_path):
+def test_without_resend_dropped_a_replica_dying_after_its_headers_fails_its_request_cleanly(
+    tmp_path,
+):
     """The request a replica died under is not sent on (it may be what killed it): a clean 502."""
-    outcomes = answers_with_one_replica_dying_mid_answer(PROTOCOL, tmp_path)
+    timings = FrontDoorTimings(first_byte_timeout=FIRST_BYTE_S, resend_dropped=False)
+    outcomes = answers_with_one_replica_dying_mid_answer(PROTOCOL, tmp_path, timings)
 
     failed = [outcome for outcome in outcomes if outcome[0] != 200]
     answered = [outcome for outcome in outcomes if outcome[0] == 200]
@@ -130,11 +133,8 @@ def test_a_replica_dying_after_its_headers_fails_only_its_request_cleanly_not_re
     assert len(healthy_address) <= 1, f"answers from {healthy_address}: only the sibling answers"
 
 
-def test_with_resend_dropped_the_request_a_replica_died_under_is_answered_by_its_sibling(
-    tmp_path,
-):
-    timings = FrontDoorTimings(first_byte_timeout=FIRST_BYTE_S, resend_dropped=True)
-    outcomes = answers_with_one_replica_dying_mid_answer(PROTOCOL, tmp_path, timings)
+def test_a_replica_dying_after_its_headers_reaches_no_client_as_a_broken_answer(tmp_path):
+    outcomes = answers_with_one_replica_dying_mid_answer(PROTOCOL, tmp_path)
 
     healthy_address = {address for _, address, _ in outcomes}
     assert all(outcome[0] == 200 and outcome[2] == BODY for outcome in outcomes), outcomes
