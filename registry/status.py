@@ -81,23 +81,17 @@ def status(model: str, tracking_uri: str | None = None) -> Status:
 
 def _fix(model: str, where) -> str:
     """The command that settles a split stage."""
-    if where.ledgered_split:
-        back = (
-            f"`stageflow rollback --model {model} --to {where.ledgered}` to go back, or "
-            if where.ledgered and where.stage == PRODUCTION
-            else ""
+    if not where.ledgered_split:
+        return (
+            f"`stageflow status --model {model} --repair` (the alias follows the stage, "
+            "recorded in the ledger)"
         )
-        gate = (
-            f"`stageflow promote --model {model} --version {where.aliased} --to {where.stage}` "
-            "to gate and record it"
-            if where.aliased
-            else f"`stageflow promote --model {model} --version V --to {where.stage}`"
+    if where.stage == PRODUCTION and where.ledgered:
+        return (
+            f"`stageflow rollback --model {model} --to {where.ledgered}` (back to the version "
+            "the ledger put there), or promote another through Staging"
         )
-        return back + gate
-    return (
-        f"`stageflow status --model {model} --repair` (the alias follows the stage, "
-        "recorded in the ledger)"
-    )
+    return f"`stageflow promote --model {model} --version V --to {where.stage}` (gated, recorded)"
 
 
 def _serving_note(where) -> str:

@@ -59,13 +59,12 @@ def test_status_flags_a_stage_and_alias_both_moved_outside_stageflow(
     (split,) = st.problems
     assert "the ledger last put version 1 there: it was moved outside Stageflow" in split
     assert f"`stageflow rollback --model {name} --to 1`" in split
-    assert f"`stageflow promote --model {name} --version 2 --to Production`" in split
 
-    result = registry.promote(name, 2, "Production", "gate it after all")
-    assert result.changed  # it ran the gates and recorded the move, though nothing moved
-    assert registry.status(name).problems == []
-    assert registry.status(name).production == "2"
-    assert ledger.head(MlflowClient(), name).placed["Production"] == "2"
+    result = registry.rollback(name, to=1, reason="version 2 was never gated")
+    assert (result.changed, result.archived) == (True, ["2"])
+    st = registry.status(name)
+    assert (st.production, st.problems) == ("1", [])
+    assert ledger.head(MlflowClient(), name).placed["Production"] == "1"
 
 
 def test_serve_keeps_the_gated_version_when_the_alias_moves_outside_stageflow(
