@@ -3,7 +3,9 @@
 Public surface:
     promote, rollback, status, history, repair -- the commands' functions;
     set_policy, show_policy, Policy -- the promotion policy of a model (``registry.policy``);
-    current_version -- which version holds a stage (what serving asks);
+    current_version -- which version the registry names for a stage;
+    placements, Placement -- where each stage stands, settled or split (what serving
+        and ``status`` both follow);
     require_model -- a clear error when a registered model does not exist;
     stage and alias names.
 """
@@ -15,7 +17,9 @@ from registry._stages import (
     NONE,
     PRODUCTION,
     STAGING,
+    Placement,
     current_version,
+    placements,
     require_model,
 )
 from registry._transition import Refused, TransitionResult
@@ -34,12 +38,14 @@ __all__ = [
     "PRODUCTION",
     "STAGING",
     "Entry",
+    "Placement",
     "Policy",
     "Refused",
     "Status",
     "TransitionResult",
     "current_version",
     "history",
+    "placements",
     "promote",
     "repair",
     "require_model",

@@ -30,6 +30,19 @@ as tags, written in the same create call (one backend transaction).
   registry write (``ensure``), renewing it; a process paused for longer than
   the lease (120 s) is the one case this cannot exclude -- the verify-after-write
   in the transition and ``status`` catch what it would leave.
+- **Whose clock**: the tracking server's, never a promoter's (a promoter whose
+  clock ran minutes ahead once took a lock another held). A lease starts at the
+  generation's ``creation_timestamp`` and is renewed by ``update_registered_model``,
+  whose ``last_updated_timestamp`` the server stamps -- both the SQL and the file
+  store set these from their own clock and take no time from the client
+  (``set_registered_model_tag`` does not touch it in the SQL store, so renewal
+  is not a tag). Whether another's lease ran out is judged against the server's
+  ``Date`` header; the holder itself counts its lease on its monotonic clock
+  from just before its last renewal was sent, which never outlasts the server's view.
+- **Sequence**: only a holder writes the ledger, and it numbers each entry one
+  past the last (``registry.ledger``), so the entries' order is the order the
+  holders took turns in, whatever their clocks said; each entry also records the
+  lock generation and the server time it was written under.
 
 Waiting is by polling the registry with jittered back-off, never by a fixed sleep.
 """
@@ -43,10 +56,13 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import RegisteredModel
 from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
 
 from stageflow import tracking
 from stageflow.errors import StageflowError
@@ -59,6 +75,8 @@ WAIT_SECONDS = 300.0
 # A holder never starts a registry write with less lease than this left.
 SAFETY_SECONDS = 30.0
 TAG = "stageflow.lock"
+# One cheap route any authenticated user may call; only its Date header is read.
+CLOCK_PROBE = "/api/2.0/mlflow/experiments/search"
 
 
 class LockTimeout(StageflowError):
@@ -67,16 +85,29 @@ class LockTimeout(StageflowError):
 
 @dataclass
 class Lease:
+    """A held generation of a model's lock.
+
+    Attributes:
+        renewed_at: the holder's ``time.monotonic()`` just before its last renewal was
+            sent; the lease lasts ``LEASE_SECONDS`` from then, by the holder's count.
+        server_time: the server's stamp of the last renewal (seconds since the epoch).
+    """
+
     client: MlflowClient
     model: str
     generation: int
     token: str
     owner: str
-    expires: float
+    renewed_at: float
+    server_time: float
 
     @property
     def name(self) -> str:
         return lock_name(self.model, self.generation)
+
+    def left(self) -> float:
+        """Seconds of lease left, by the holder's monotonic clock."""
+        return LEASE_SECONDS - (time.monotonic() - self.renewed_at)
 
     def ensure(self) -> None:
         """Renew the lease before a registry write; refuse to write if it was lost."""
@@ -86,12 +117,15 @@ class Lease:
                 f"lost the registry lock of {self.model} (generation {self.generation}); "
                 "nothing more was written -- run `stageflow status` and re-run the command"
             )
-        if self.expires - time.time() < SAFETY_SECONDS:
+        if self.left() < SAFETY_SECONDS:
             raise StageflowError(
                 f"the registry lock of {self.model} expired while the gates ran; re-run the command"
             )
-        self.expires = time.time() + LEASE_SECONDS
-        self.client.set_registered_model_tag(self.name, f"{TAG}.expires", f"{self.expires:.3f}")
+        sent = time.monotonic()
+        # A description write: the server stamps last_updated_timestamp (a tag write does not).
+        renewed = self.client.update_registered_model(self.name, _description(self.model))
+        self.renewed_at = sent
+        self.server_time = renewed.last_updated_timestamp / 1000
 
     def release(self) -> None:
         try:
@@ -122,7 +156,7 @@ def acquire(
     while True:
         generations = _generations(client, model)
         top = generations[-1] if generations else None
-        holder = _holder(top) if top else None
+        holder = _holder(top, server_now(client)) if top else None
         if holder is None:
             candidate = (top[0] + 1) if top else 1
             lease = _try_create(client, model, candidate, token, owner)
@@ -142,24 +176,51 @@ def acquire(
 def describe(client: MlflowClient, model: str) -> str | None:
     """Who holds the lock of ``model`` now, or None (for ``status``)."""
     generations = _generations(client, model)
-    return _holder(generations[-1]) if generations else None
+    return _holder(generations[-1], server_now(client)) if generations else None
+
+
+def server_now(client: MlflowClient) -> float:
+    """The tracking server's clock (seconds since the epoch, to the second below).
+
+    Read from the ``Date`` header of one cheap API call; a local store (no server)
+    shares this process's clock. Rounding down errs towards "still held".
+    """
+    uri = client.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return time.time()
+    answer = http_request(
+        get_default_host_creds(uri),
+        CLOCK_PROBE,
+        "GET",
+        params={"max_results": 1},
+        timeout=30,
+        raise_on_status=False,
+    )
+    date = answer.headers.get("Date")
+    if not date:
+        raise StageflowError(
+            f"the tracking server at {uri} sent no Date header, so the registry lock cannot "
+            "tell whose lease ran out; reach it directly or through a proxy that keeps Date"
+        )
+    return parsedate_to_datetime(date).timestamp()
+
+
+def _description(model: str) -> str:
+    return f"Stageflow's promotion lock for {model}; not a model."
 
 
 def _try_create(client, model, generation, token, owner) -> Lease | None:
-    expires = time.time() + LEASE_SECONDS
     record = {
         "token": token,
         "owner": owner,
         "host": socket.gethostname(),
         "pid": str(os.getpid()),
-        "expires": f"{expires:.3f}",
     }
     name = lock_name(model, generation)
+    sent = time.monotonic()
     try:
-        client.create_registered_model(
-            name,
-            tags={f"{TAG}.{k}": v for k, v in record.items()},
-            description=f"Stageflow's promotion lock for {model}; not a model.",
+        created = client.create_registered_model(
+            name, tags={f"{TAG}.{k}": v for k, v in record.items()}, description=_description(model)
         )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -174,11 +235,13 @@ def _try_create(client, model, generation, token, owner) -> Lease | None:
             ) from None
         if (record or {}).get("token") != token:
             return None
+        created = client.get_registered_model(name)
     higher = [g for g, _ in _generations(client, model) if g > generation]
     if higher:  # we acted on a stale read: our generation is not the top
         _delete(client, name)
         return None
-    return Lease(client, model, generation, token, owner, expires)
+    stamp = created.last_updated_timestamp or created.creation_timestamp
+    return Lease(client, model, generation, token, owner, sent, stamp / 1000)
 
 
 def _generations(client: MlflowClient, model: str) -> list[tuple[int, RegisteredModel]]:
@@ -202,21 +265,23 @@ def _generations(client: MlflowClient, model: str) -> list[tuple[int, Registered
     return sorted(found, key=lambda pair: pair[0])
 
 
-def _holder(generation: tuple[int, RegisteredModel]) -> str | None:
-    """Who holds this generation, or None when it is free (released, expired, owner dead)."""
-    tags = generation[1].tags
+def _holder(generation: tuple[int, RegisteredModel], now: float) -> str | None:
+    """Who holds this generation, or None when it is free (released, expired, owner dead).
+
+    ``now`` is the server's clock; the lease runs from the server's stamp of the last
+    renewal (or of the creation), never from a time a promoter wrote.
+    """
+    registered = generation[1]
+    tags = registered.tags
     if tags.get(f"{TAG}.released") == "true":
         return None
-    try:
-        expires = float(tags.get(f"{TAG}.expires", "0"))
-    except ValueError:
-        expires = 0.0
-    if expires < time.time():
+    renewed = (registered.last_updated_timestamp or registered.creation_timestamp or 0) / 1000
+    left = renewed + LEASE_SECONDS - now
+    if left < 0:
         return None
     host, pid = tags.get(f"{TAG}.host"), tags.get(f"{TAG}.pid", "")
     if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
         return None
-    left = expires - time.time()
     return f"{tags.get(f'{TAG}.owner', '?')} (pid {pid} on {host}, lease {left:.0f}s left)"
 
 

@@ -5,16 +5,25 @@ MLflow deprecated them in 2.9 in favour of aliases (mlflow#10336). Every move
 here sets the stage and its mirror alias together, so ``models:/NAME/Production``
 and ``models:/NAME@champion`` resolve to the same version; the rest of Stageflow
 asks this module and never calls the stage API itself.
+
+It also owns what "the Production version" means, for ``serve`` and ``status``
+alike (:func:`placements`): the version that holds the stage *and* its alias, and
+that the ledger's head names for it -- the ledger only says so when a gated
+transition (or a recorded repair) put it there. When they disagree (an alias moved
+outside Stageflow, a fault between a move's two writes) there is no settled
+Production: serving keeps what it serves, and ``status`` names the split and the fix.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from registry import ledger
 from stageflow import tracking
 from stageflow.errors import StageflowError, UsageError
 
@@ -82,6 +91,92 @@ def current_version(client: MlflowClient, name: str, stage: str = PRODUCTION) ->
         return str(target)
     held = holders(client, name, stage)
     return str(max(int(v.version) for v in held)) if held else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one stage stands: its holders, its alias, and what the ledger says.
+
+    Attributes:
+        held: the versions whose stage it is.
+        aliased: the version its mirror alias points at.
+        ledgered: the version the ledger's head last put there (None: emptied);
+            ``known`` is False when the ledger has no say yet (no chained entry
+            into the stage: a ledger older than its head, or a stage set up by hand).
+    """
+
+    stage: str
+    held: tuple[str, ...]
+    aliased: str | None
+    ledgered: str | None = None
+    known: bool = False
+
+    @property
+    def alias(self) -> str:
+        return ALIAS_FOR_STAGE[self.stage]
+
+    @property
+    def version(self) -> str | None:
+        """The settled version: stage, alias and ledger agree; None when empty or split."""
+        if self.split or not self.held:
+            return None
+        return self.aliased
+
+    @property
+    def candidate(self) -> str | None:
+        """What the registry names, settled or not: the alias, else the newest holder."""
+        if self.aliased is not None:
+            return self.aliased
+        return max(self.held, key=int) if self.held else None
+
+    @property
+    def ledgered_split(self) -> bool:
+        """Stage and alias agree, on a version the ledger did not put there."""
+        return (
+            self.known
+            and self.ledgered != self.aliased
+            and self.held == ((self.aliased,) if self.aliased else ())
+        )
+
+    @property
+    def split(self) -> str | None:
+        """Why the stage is not settled, in one line; None when it is."""
+        alias = self.alias
+        held = ", ".join(self.held)
+        if len(self.held) > 1:
+            return f"{self.stage} is held by versions {held} (expected one)"
+        if self.held and self.aliased is None:
+            return f"{self.stage} version {held} has no @{alias} alias"
+        if self.aliased is not None and self.aliased not in self.held:
+            where = f"version {held} is" if self.held else "no version is"
+            return f"@{alias} points at version {self.aliased}, but {where} in {self.stage}"
+        if self.ledgered_split:
+            said = f"version {self.ledgered}" if self.ledgered else "no version"
+            now = f"version {self.aliased}" if self.aliased else "no version"
+            return (
+                f"{self.stage} holds {now}, but the ledger last put {said} there: "
+                "it was moved outside Stageflow"
+            )
+        return None
+
+
+def placements(client: MlflowClient, name: str) -> dict[str, Placement]:
+    """Staging and Production as they stand (two reads: the registered model, its versions)."""
+    registered = client.get_registered_model(name)
+    head = ledger.parse_head(registered.tags.get(ledger.HEAD_TAG))
+    placed = head.placed if head is not None else {}
+    aliases = {alias: str(v) for alias, v in (registered.aliases or {}).items()}
+    every = versions(client, name)
+    return {
+        stage: Placement(
+            stage,
+            tuple(str(v.version) for v in every if v.current_stage == stage),
+            aliases.get(alias),
+            placed.get(stage),
+            stage in placed,
+        )
+        for stage, alias in ALIAS_FOR_STAGE.items()
+    }
 
 
 def move(client: MlflowClient, name: str, version: str, stage: str) -> None:

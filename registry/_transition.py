@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from mlflow import MlflowClient
 
 from registry import _lock, gates, ledger, report
-from registry._stages import ALIAS_FOR_STAGE, alias_target, current_version, holders, move
+from registry._stages import (
+    ALIAS_FOR_STAGE,
+    alias_target,
+    current_version,
+    holders,
+    move,
+    placements,
+)
 from registry.policy import Policy
 from registry.policy import for_model as policy_for
 from registry.repair import settle
@@ -124,6 +131,7 @@ def _transition_locked(
             reason=result.reason,
             evidence_run=evidence_run,
         ),
+        lease,
     )
     result.ledger_run_id = entry.run_id
     try:
@@ -222,10 +230,14 @@ def _result(model, version, to_stage, action, reason) -> TransitionResult:
 
 
 def _already_there(client, model: str, version, to_stage: str) -> bool:
-    """The move already happened (stage and alias): repeating it changes nothing."""
-    return version.current_stage == to_stage and alias_target(
-        client, model, ALIAS_FOR_STAGE[to_stage]
-    ) == str(version.version)
+    """The move already happened (stage, alias and ledger agree): repeating it changes nothing.
+
+    A version put there outside Stageflow is not "there": promoting it runs its gates
+    and records it, which settles the stage.
+    """
+    if version.current_stage != to_stage:
+        return False
+    return placements(client, model)[to_stage].version == str(version.version)
 
 
 def _verify(client, model: str, version: str, stage: str, lease) -> None:

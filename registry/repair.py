@@ -112,13 +112,14 @@ def _fix_stage(client, model, stage, alias, lease, reason) -> list[str]:
         client,
         ledger.Entry(
             model=model,
-            version=keep or aliased or "",
+            version=keep or "",  # an emptied stage holds no version (the detail names it)
             from_stage=stage,
             to_stage=stage,
             action=ledger.REPAIR,
             actor=ledger.actor(),
             reason=reason,
         ),
+        lease,
     )
     ledger.finish(client, entry, ledger.DONE, detail=detail)
     return [f"{stage}: {detail}"]

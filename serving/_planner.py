@@ -24,7 +24,11 @@ The rules, in the order :func:`plan` applies them on each poll:
    the warm server the promotion is about to switch to), and not before
    ``SwitchPolicy.drain`` after it was unrouted. Stopping first frees slots
    for what the registry asks to start.
-4. **Production**: unless it serves already or is waiting out a retry, a
+4. **Production**: while it is split (``RegistryState.split``: its stage, its
+   alias and the ledger disagree -- an alias moved outside Stageflow, a fault
+   between a move's writes), nothing follows it: the version serving keeps
+   serving, nothing new starts or switches, and the one the registry names stays
+   live but unrouted. Otherwise, unless it serves already or is waiting out a retry, a
    version that is not live starts (on the lowest free slot; with none free it
    waits), and a live one that proved itself (one replica is enough) is
    switched to. The version it replaces stays warm as the rollback standby.
@@ -132,10 +136,15 @@ class SlotState:
 
 @dataclass(frozen=True)
 class RegistryState:
-    """The registry's Production and Staging versions (None: the stage holds none)."""
+    """The registry's Production and Staging versions (None: the stage holds none).
+
+    ``split``: why Production is not settled (``registry._stages.Placement.split``);
+    ``production`` is then the version the registry names, which serving does not follow.
+    """
 
     production: str | None
     staging: str | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -311,7 +320,7 @@ class _Planner:
             return Plan(tuple(self.actions), dict(self.state.unneeded))
         production, staging = self.state.registry.production, self.state.registry.staging
         unneeded = self._stop_unneeded(production, staging)
-        if production is not None:
+        if production is not None and self.state.registry.split is None:
             self._follow_production(production)
         self._follow_staging(staging, production)
         return Plan(tuple(self.actions), unneeded)

@@ -79,6 +79,8 @@ MAX_REPLICAS = 16
 FRONT_DOOR_RESTARTS = 5
 FRONT_DOOR_RESTART_WINDOW_S = 60.0
 FRONT_DOOR_CHECK_S = 0.05
+# A split Production shorter than this is a promotion between its writes: not worth a warning.
+SPLIT_GRACE_SECONDS = 5.0
 
 __all__ = [
     "VERSION_HEADER",
@@ -197,6 +199,7 @@ class Controller:
         self._unneeded: dict[int, str] = {}
         self._registry_error: str | None = None
         self._said_waiting = False
+        self._split: tuple[str, float, bool] | None = None  # why, since when, said so
         self._shutting_down = threading.Event()
 
     @property
@@ -382,7 +385,7 @@ class Controller:
         else:
             self.serving.clear()
 
-    def _observe(self, stages: tuple[str | None, str | None] | None) -> _planner.State:
+    def _observe(self, stages: tuple[str | None, str | None, str | None] | None) -> _planner.State:
         """What the planner decides on: the registry's stages, the slots, and the clock."""
         effects = self._effects
         assert effects is not None, "_start makes the effects"
@@ -398,32 +401,55 @@ class Controller:
             retry_at=dict(effects.retry_at),
         )
 
-    def _read_registry(self) -> tuple[str | None, str | None] | None:
-        """The registry's (Production, Staging) versions; None if the registry is away."""
+    def _read_registry(self) -> tuple[str | None, str | None, str | None] | None:
+        """The registry's (Production, Staging, why Production is split); None if it is away."""
         try:
             if self.uri.startswith(("http://", "https://")) and not processes.http_ok(
                 self.uri.rstrip("/") + "/health", timeout=2.0, verify=tracking.tls_verify()
             ):
                 # Checked first: MLflow's client retries a dead server for minutes.
                 raise ConnectionError("its /health does not answer")
-            # Staging first: a promotion sets the Production alias before it removes
-            # the Staging one, so reading in this order sees a version that moves
-            # from Staging to Production in at least one of the two, never in neither.
-            staging = registry.current_version(self._client, self.model_name, registry.STAGING)
-            production = registry.current_version(
-                self._client, self.model_name, registry.PRODUCTION
-            )
+            # One read of the aliases and the ledger's head, one of the stages. A version
+            # moving from Staging to Production is named by one alias or the other at
+            # every moment, so it stays live while Production is split mid-promotion.
+            placed = registry.placements(self._client, self.model_name)
         except Exception as exc:  # noqa: BLE001 - whatever the registry did, keep serving what serves
             self._note_registry_error(exc)
             return None
         if self._registry_error is not None:
             logger.info("the tracking server at %s answers again", self.uri)
             self._registry_error = None
-        if production is None:
+        production, staging = placed[registry.PRODUCTION], placed[registry.STAGING]
+        self._note_split(production.split)
+        if production.candidate is None:
             self._note_no_production()
         else:
             self._said_waiting = False
-        return production, staging
+        return production.candidate, staging.candidate, production.split
+
+    def _note_split(self, split: str | None) -> None:
+        """Say why Production is not followed, once it outlasts a promotion's own writes."""
+        now = time.monotonic()
+        if split is None:
+            if self._split is not None and self._split[2]:
+                logger.info("%s's Production is settled again; following it", self.model_name)
+            self._split = None
+            return
+        if self._split is None or self._split[0] != split:
+            self._split = (split, now, False)
+        why, since, said = self._split
+        if not said and now - since >= SPLIT_GRACE_SECONDS:
+            logger.warning(
+                "%s's Production is not settled (%s); %s; `stageflow status --model %s` "
+                "names the fix",
+                self.model_name,
+                why,
+                f"still serving version {self.serving_version}"
+                if self._active
+                else "serving nothing until it is",
+                self.model_name,
+            )
+            self._split = (why, since, True)
 
     def _note_registry_error(self, exc: Exception) -> None:
         first = self._registry_error is None

@@ -63,6 +63,8 @@ def run_status(args) -> int:
         lines.append(f"  promotion in progress: lock held by {st.lock}")
     for problem in st.problems:
         lines.append(f"  ! {problem}")
+    for note in st.notes:
+        lines.append(f"  note: {note}")
     emit(args, st.to_json(), "\n".join(lines))
     return 0
 
@@ -80,9 +82,9 @@ def version_line(version: dict) -> str:
 
 
 def run_history(args) -> int:
-    from registry import history  # noqa: PLC0415
+    from registry.status import checked_history  # noqa: PLC0415
 
-    entries = history(args.model, args.tracking_uri)
+    entries, problems, note = checked_history(args.model, args.tracking_uri)
     lines = [f"{args.model}: {len(entries)} transition(s), oldest first"]
     for e in entries:
         j = e.to_json()
@@ -90,5 +92,7 @@ def run_history(args) -> int:
             f"  {j['time']}  {e.action:<8} v{e.version:<4} {e.from_stage:>10} → {e.to_stage:<10} "
             f"{e.actor}" + (f"  — {e.reason}" if e.reason else "")
         )
-    emit(args, {"model": args.model, "entries": [e.to_json() for e in entries]}, "\n".join(lines))
+    lines += [f"  ! {problem}" for problem in problems] + ([f"  note: {note}"] if note else [])
+    record = {"model": args.model, "entries": [e.to_json() for e in entries]}
+    emit(args, record | {"problems": problems, "note": note}, "\n".join(lines))
     return 0

@@ -125,9 +125,11 @@ def test_a_transition_cut_after_the_stage_write_is_explained_and_completed_by_re
     client = MlflowClient()
     registry.promote(name, 1, "Staging")
     # The promoter died after the registry moved the stage, before the alias followed.
+    lease = _lock.acquire(client, name, "x")
     entry = ledger.begin(
-        client, ledger.Entry(name, "1", "Staging", "Production", "promote", "x", "")
+        client, ledger.Entry(name, "1", "Staging", "Production", "promote", "x", ""), lease
     )
+    lease.release()
     client.transition_model_version_stage(name, "1", "Production")
 
     problems = registry.status(name).problems

@@ -4,7 +4,7 @@ import pytest
 from mlflow import MlflowClient
 
 import registry
-from registry import ledger
+from registry import _lock, ledger
 from registry._stages import move
 from stageflow.errors import StageflowError, UsageError
 from tests.helpers import assert_one_holder_per_stage
@@ -175,6 +175,8 @@ def test_status_flags_an_interrupted_transition(two_versions):
     name = two_versions
     client = MlflowClient()
     entry = ledger.Entry(name, "1", "None", "Staging", "promote", "someone", "")
-    ledger.begin(client, entry)  # as if the promoter died before finishing
+    lease = _lock.acquire(client, name, "someone")
+    ledger.begin(client, entry, lease)  # as if the promoter died before finishing
+    lease.release()
     problems = registry.status(name).problems
     assert any("was interrupted" in p and entry.run_id in p for p in problems)

@@ -95,9 +95,12 @@ class World:
     def poll(
         self, production: str | None, staging: str | None = None, reachable: bool = True
     ) -> tuple[Action, ...]:
+        return self.poll_state(RegistryState(production, staging) if reachable else None)
+
+    def poll_state(self, registry: RegistryState | None) -> tuple[Action, ...]:
         state = State(
             self.now,
-            RegistryState(production, staging) if reachable else None,
+            registry,
             tuple(self.slots),
             self.serving,
             self.standby,
@@ -494,3 +497,37 @@ def test_with_the_tracking_server_unreachable_a_dead_replica_is_still_restarted(
 def test_with_no_production_version_any_more_the_last_one_keeps_serving():
     slots = [live("1", routed=True), live("0", unrouted_at=50.0)]
     assert actions(slots, production=None, serving=0, standby=1, unneeded={}) == ()
+
+
+# -- a split Production (stage, alias and ledger disagree) -----------------------
+
+
+def split(production: str | None, staging: str | None = None) -> RegistryState:
+    return RegistryState(production, staging, split="@champion moved outside Stageflow")
+
+
+def test_a_split_production_keeps_what_serves_and_switches_to_nothing():
+    # @champion moved to the Staging version by hand: it stays Staging's (and warm).
+    slots = [live("1", routed=True), live("2", STAGING)]
+    state = State(NOW, split("2", staging="2"), tuple(slots), serving=0, warm=1)
+    assert plan(state, POLICY).actions == ()
+
+
+def test_a_split_production_starts_nothing_when_nothing_serves_yet():
+    state = State(NOW, split("3"), (FREE, FREE))
+    assert plan(state, POLICY).actions == ()
+
+
+def test_a_split_production_keeps_the_version_it_names_live_but_unrouted():
+    world = World()
+    world.poll("1")
+    world.prove("1")
+    world.poll("1")
+    world.poll("1", "2")
+    world.prove("2")
+    world.poll("1", "2")
+    for _ in range(3):  # the split lasts several polls: the named version is neither
+        assert world.poll_state(split("2", staging="2")) == ()  # switched to nor stopped
+        world.wait(10.0)
+    assert world.versions["serving"] == "1"
+    assert Switch(world.slot_of("2"), "2") in world.poll("2")  # settled again: it follows
