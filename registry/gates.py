@@ -32,6 +32,7 @@ from mlflow.entities.model_registry import ModelVersion
 from registry import _compare
 from registry._stages import PRODUCTION, STAGING, current_version
 from registry.policy import TASK_METRICS, LatencyBudget, Policy, Threshold
+from stageflow import manifest
 from stageflow.contract import input_columns
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ class GateContext:
     def load(self, version: str):
         """The pyfunc model of ``version``, loaded once per gate run."""
         if version not in self._models:
-            self._models[version] = mlflow.pyfunc.load_model(f"models:/{self.model}/{version}")
+            # Loaded from a copy verified against the version's manifest, fetched afresh:
+            # files changed in the store refuse the gate (stageflow.manifest).
+            path = manifest.local_copy(self.model, version, self.client, fresh=True)
+            self._models[version] = mlflow.pyfunc.load_model(str(path))
         return self._models[version]
 
     def champion(self) -> str | None:

@@ -15,7 +15,7 @@ from registry._stages import (
     require_model,
     versions,
 )
-from stageflow import tracking
+from stageflow import manifest, tracking
 
 
 @dataclass
@@ -38,8 +38,10 @@ def status(model: str, tracking_uri: str | None = None) -> Status:
 
     Problems flagged: a stage held by more than one version, a stage without its
     alias (or an alias on a version outside its stage), a transition the ledger
-    shows as interrupted. ``stageflow status --repair`` (:func:`registry.repair`)
-    fixes each of them and records the fix in the ledger.
+    shows as interrupted, a Production or Staging version whose files in the store
+    are not the ones its manifest recorded (``stageflow.manifest``). ``stageflow status
+    --repair`` (:func:`registry.repair`) fixes each but the last (re-register the
+    version, or roll back) and records the fix in the ledger.
     """
     client = tracking.client(tracking_uri)
     require_model(client, model)
@@ -66,6 +68,10 @@ def status(model: str, tracking_uri: str | None = None) -> Status:
                 f"started {_ago(entry.time)} was interrupted (ledger run {entry.run_id}); "
                 "re-run the same command, or `stageflow status --repair`"
             )
+    # Files changed in the store since registration: refused at their next load.
+    for version in sorted({v for v in holder.values() if v is not None}, key=int):
+        if found := manifest.check_store(client, model, version):
+            problems.append(found)
     done = [e for e in history if e.outcome == ledger.DONE]
     return Status(
         model=model,

@@ -17,7 +17,7 @@ from typing import Any
 
 from serving import _model_server
 from serving._slots import Replica, Slot
-from stageflow import processes
+from stageflow import manifest, processes
 from stageflow.errors import StageflowError
 
 # The controller's account of its work is one log stream, whichever module does
@@ -25,6 +25,8 @@ from stageflow.errors import StageflowError
 logger = logging.getLogger("serving.controller")
 
 LOG_TAIL_LINES = 8
+# A replica whose restart was refused (its copy does not verify) is tried again after this.
+RESTART_RETRY_S = 30.0
 
 
 class Supervisor:
@@ -57,9 +59,30 @@ class Supervisor:
         version = str(slot.version)
         log_path = replica.log_path or self.directory / f"v{version}-replica-{replica.address}.log"
         _model_server.start(
-            self.model_name, version, replica, self.tracking_uri, log_path, self.model_config
+            self.model_name,
+            version,
+            replica,
+            self.tracking_uri,
+            log_path,
+            self._verified(slot),
+            self.model_config,
         )
         self.started_pids.append(replica.proc.pid)
+
+    def _verified(self, slot: Slot) -> Path:
+        """The slot's local copy, checked again before each (re)start of a replica.
+
+        The copy was verified as the version started (``Effects``); a restart checks
+        its files against the manifest kept with it, so a copy changed on this host is
+        refused too (the restart fails, its siblings keep serving).
+        """
+        assert slot.model_dir is not None, "Effects makes the verified copy before starting"
+        manifest.verify(
+            slot.model_dir,
+            manifest.kept_manifest(slot.model_dir),
+            f"version {slot.version} of {self.model_name} (local copy {slot.model_dir})",
+        )
+        return slot.model_dir
 
     def prove(self, slots: list[Slot]) -> None:
         """Take every starting replica one step of its proof; record what came of it.
@@ -122,7 +145,10 @@ class Supervisor:
         log_path = replica.log_path
         _model_server.stop_replica(replica)  # whatever the dead one left behind
         replica.log_path = log_path
-        self.start(slot, replica)
+        try:
+            self.start(slot, replica)
+        except StageflowError as exc:  # its local copy no longer verifies: never started
+            self.retry_later(slot, replica, str(exc), time.monotonic() + RESTART_RETRY_S)
 
     def retry_later(self, slot: Slot, replica: Replica, error: str, retry_at: float) -> None:
         """Stop a restarted replica that failed its proof; it is restarted at ``retry_at``."""
