@@ -57,6 +57,7 @@ class GateContext:
     policy: Policy
     allow_breaking: str = ""  # the reason a breaking schema change is accepted, if it is
     evaluation_parent: str = ""  # ledger run the comparison's evaluation run hangs under
+    seal: bool = True  # record a manifest for a version without one (not in a dry run)
     _models: dict = field(default_factory=dict, repr=False)
 
     def load(self, version: str):
@@ -64,7 +65,7 @@ class GateContext:
         if version not in self._models:
             # Loaded from a copy verified against the version's manifest, fetched afresh:
             # files changed in the store refuse the gate (stageflow.manifest).
-            path = manifest.local_copy(self.model, version, self.client, fresh=True)
+            path = manifest.local_copy(self.model, version, self.client, fresh=True, seal=self.seal)
             self._models[version] = mlflow.pyfunc.load_model(str(path))
         return self._models[version]
 

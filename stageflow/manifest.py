@@ -171,6 +171,7 @@ def local_copy(
     home: Path | None = None,
     *,
     fresh: bool = False,
+    seal: bool = True,
 ) -> Path:
     """A verified local copy of ``name`` version ``version``: the directory to load.
 
@@ -180,6 +181,8 @@ def local_copy(
         home: Stageflow's local state (``$STAGEFLOW_HOME``).
         fresh: download and verify the store's files even if a copy is here (the
             gates and ``score`` do: a version changed in the store is refused there).
+        seal: record a manifest on a version registered without one (a dry run
+            of the gates changes nothing, so it only keeps it with the copy).
 
     Raises:
         TamperedVersion: the files differ from the manifest (one line naming the file).
@@ -207,7 +210,7 @@ def local_copy(
     try:
         model = _download(name, version, staged / MODEL_DIR)
         if files is None:
-            files = _seal_on_first_load(client, name, version, model)
+            files = _seal_on_first_load(client, name, version, model, seal)
         verify(model, files, what)
         write_private(staged / MANIFEST_FILE, json.dumps({"files": files}, indent=1))
         if place.exists():
@@ -294,9 +297,13 @@ def _download(name: str, version: str, dst: Path) -> Path:
     )
 
 
-def _seal_on_first_load(client: MlflowClient, name: str, version: str, model: Path) -> dict:
+def _seal_on_first_load(
+    client: MlflowClient, name: str, version: str, model: Path, seal: bool
+) -> dict:
     """A version registered before manifests: its files now become its manifest."""
     files = digest_tree(model)
+    if not seal:
+        return files
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     source = f"first load by {getpass.getuser()} at {when}"
     try:
