@@ -27,6 +27,7 @@ from experiments.data import BUILTIN_PREFIX, Splits
 from experiments.families import split_columns
 from monitoring import reference as monitoring_reference
 from serving import guarded_model
+from stageflow import manifest
 from stageflow.catalog import TEST_SPLIT_ARTIFACT
 from stageflow.errors import StageflowError
 
@@ -35,20 +36,8 @@ logger = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 INPUT_EXAMPLE_ROWS = 5
 
-# Types a Stageflow pipeline may need beyond skops' defaults. Each model is
-# logged with exactly the subset its own pipeline needs (never blanket pickle);
-# anything outside this list means a new kind of pipeline and must be reviewed.
-ALLOWED_TRUSTED_TYPES = frozenset(
-    {
-        "builtins.object",
-        "numpy.dtype",
-        "sklearn.tree._tree.Tree",
-        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-        "sklearn.compose._column_transformer.make_column_selector",
-        # Calendar parts of date columns (issue 10): our own, plain-list attributes.
-        "experiments.features.CalendarFeatures",
-    }
-)
+# The skops types a pipeline may need (every load checks a version's list against it).
+ALLOWED_TRUSTED_TYPES = manifest.ALLOWED_TRUSTED_TYPES
 # Pinned in every model's requirements so a version can be rebuilt as it was trained.
 PINNED_PACKAGES = ("mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy", "pyarrow")
 
@@ -60,7 +49,7 @@ def trusted_types(pipeline) -> list[str]:
     if unexpected:
         raise StageflowError(
             f"the pipeline needs types Stageflow does not trust: {', '.join(unexpected)}; "
-            "review them and add them to experiments.artifacts.ALLOWED_TRUSTED_TYPES"
+            "review them and add them to stageflow.manifest.ALLOWED_TRUSTED_TYPES"
         )
     return needed
 
@@ -203,7 +192,7 @@ def log_pipeline(
         reference_path = monitoring_reference.write(
             monitoring_reference.for_pipeline(pipeline, splits, task), tmp
         )
-        return mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=Path(guarded_model.__file__),
             artifacts={
@@ -217,6 +206,9 @@ def log_pipeline(
             pip_requirements=pinned_requirements(),
             registered_model_name=model_name,
         )
+    # Every later load verifies the version's files against this (stageflow.manifest).
+    manifest.record(mlflow.MlflowClient(), model_name, str(info.registered_model_version))
+    return info
 
 
 def fast_path_agrees(pipeline, contract: dict, X: pd.DataFrame, rows: int = 5000) -> bool:

@@ -4,7 +4,7 @@ The transformer lives inside the pipeline, so the served model still takes the
 raw date column (issue 10). It is a small scikit-learn transformer of our own
 because no stock one splits a date into its calendar parts; skops stores it by
 its attributes (plain lists) and loads it only when the model's exact trusted
-types name it (``experiments.artifacts.ALLOWED_TRUSTED_TYPES``).
+types name it (``stageflow.manifest.ALLOWED_TRUSTED_TYPES``).
 """
 
 from __future__ import annotations

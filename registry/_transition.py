@@ -183,7 +183,7 @@ def _dry_run(client, model, version, to_stage, action, checks, reason, policy, a
     result.dry_run = True
     if _already_there(client, model, version, to_stage):
         return result
-    ctx = gates.GateContext(client, model, version, to_stage, policy, allow_breaking)
+    ctx = gates.GateContext(client, model, version, to_stage, policy, allow_breaking, seal=False)
     failed = _judge(result, ctx, checks, ledger.actor(), dry_run=True)
     if failed:
         raise Refused(

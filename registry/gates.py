@@ -32,6 +32,7 @@ from mlflow.entities.model_registry import ModelVersion
 from registry import _compare
 from registry._stages import PRODUCTION, STAGING, current_version
 from registry.policy import TASK_METRICS, LatencyBudget, Policy, Threshold
+from stageflow import manifest
 from stageflow.contract import input_columns
 
 logger = logging.getLogger(__name__)
@@ -56,12 +57,16 @@ class GateContext:
     policy: Policy
     allow_breaking: str = ""  # the reason a breaking schema change is accepted, if it is
     evaluation_parent: str = ""  # ledger run the comparison's evaluation run hangs under
+    seal: bool = True  # record a manifest for a version without one (not in a dry run)
     _models: dict = field(default_factory=dict, repr=False)
 
     def load(self, version: str):
         """The pyfunc model of ``version``, loaded once per gate run."""
         if version not in self._models:
-            self._models[version] = mlflow.pyfunc.load_model(f"models:/{self.model}/{version}")
+            # Loaded from a copy verified against the version's manifest, fetched afresh:
+            # files changed in the store refuse the gate (stageflow.manifest).
+            path = manifest.local_copy(self.model, version, self.client, fresh=True, seal=self.seal)
+            self._models[version] = mlflow.pyfunc.load_model(str(path))
         return self._models[version]
 
     def champion(self) -> str | None:

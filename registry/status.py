@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from registry import _lock, ledger
 from registry._stages import PRODUCTION, STAGING, placements, require_model, versions
-from stageflow import tracking
+from stageflow import manifest, tracking
 
 
 @dataclass
@@ -35,7 +35,9 @@ def status(model: str, tracking_uri: str | None = None) -> Status:
     moved outside Stageflow behind the ledger's back) with the fix; a transition the
     ledger shows as interrupted; a ledger entry missing, altered or repeated (its chain).
     ``stageflow status --repair`` (:func:`registry.repair`) fixes the registry's side of
-    each and records the fix in the ledger.
+    each and records the fix in the ledger. Also flagged: a Production or Staging version
+    whose files in the store are not the ones its manifest recorded (``stageflow.manifest``;
+    the fix is to roll back and re-register the version).
     """
     client = tracking.client(tracking_uri)
     require_model(client, model)
@@ -56,6 +58,11 @@ def status(model: str, tracking_uri: str | None = None) -> Status:
             )
     broken, note = ledger.verify(history, ledger.head(client, model))
     problems += broken
+    # Files changed in the store since registration: refused at their next load.
+    held = {version for where in placed.values() for version in where.held}
+    for version in sorted(held, key=int):
+        if found := manifest.check_store(client, model, version):
+            problems.append(found)
     done = [e for e in history if e.outcome == ledger.DONE]
     return Status(
         model=model,

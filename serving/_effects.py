@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from registry import STAGING
 from serving import _model_server
@@ -58,6 +60,8 @@ class Effects:
         supervisor: starts, restarts and stops single replicas.
         policy: how long to wait for the front door's probes.
         timings: the front door's, for the pause after routing a slot.
+        local_copy: a version → its verified local copy (``stageflow.manifest``), what
+            its replicas serve; raises, naming the file, for a version whose files changed.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class Effects:
         supervisor: Supervisor,
         policy: SwitchPolicy,
         timings: FrontDoorTimings,
+        local_copy: Callable[[str], Path],
     ):
         self.model_name = model_name
         self.url = url
@@ -75,6 +80,7 @@ class Effects:
         self.supervisor = supervisor
         self.policy = policy
         self.timings = timings
+        self.local_copy = local_copy
         self.active: Slot | None = None
         # The previous Production, kept running but unrouted: a rollback to it is a
         # front-door switch, not a cold start (DESIGN.md, "Serving semantics").
@@ -178,7 +184,8 @@ class Effects:
             )
         slot.version, slot.role, slot.started_at = version, role, time.monotonic()
         try:
-            slot.example = _model_server.serving_example(self.model_name, version)
+            slot.model_dir = self.local_copy(version)
+            slot.example = _model_server.serving_example(slot.model_dir)
             for replica in slot.replicas:
                 self.supervisor.start(slot, replica)
         except Exception as exc:  # noqa: BLE001 - e.g. the registry could not give the model: the plan retries

@@ -40,17 +40,14 @@ PING_TIMEOUT_S = 1.0
 SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def model_uri(name: str, version: str) -> str:
-    return f"models:/{name}/{version}"
-
-
-def command(name: str, version: str, replica: Replica) -> list[str]:
+def command(model_dir: Path, replica: Replica) -> list[str]:
+    """``mlflow models serve`` of a verified local copy (``stageflow.manifest.local_copy``)."""
     return [
         processes.bin_path("mlflow"),
         "models",
         "serve",
         "-m",
-        model_uri(name, version),
+        str(model_dir),
         "--env-manager",
         "local",
         "-h",
@@ -103,10 +100,15 @@ def start(
     replica: Replica,
     tracking_uri: str,
     log_path: Path,
+    model_dir: Path,
     model_config: dict[str, Any] | None = None,
     access_log: bool = False,
 ) -> None:
-    """Start ``version``'s server as ``replica``, not ready until proved; the replica records it."""
+    """Start ``version``'s server as ``replica``, not ready until proved; the replica records it.
+
+    It serves ``model_dir``, the version's verified local copy: it neither downloads
+    the model nor reads the artifact store, so it starts while the tracking server is away.
+    """
     replica.log_path, replica.ready = log_path, False
     replica.started_at = time.monotonic()
     if model_config and model_config.get(INFERENCE_LOG) is not None:
@@ -115,7 +117,7 @@ def start(
         log = {"tracking_uri": tracking_uri, **model_config[INFERENCE_LOG]}
         model_config = {**model_config, INFERENCE_LOG: {**log, "model": name, "version": version}}
     replica.proc = processes.spawn(
-        command(name, version, replica),
+        command(model_dir, replica),
         log_path=log_path,
         env=environment(tracking_uri, version, model_config, access_log),
     )
@@ -163,9 +165,9 @@ def prove_ready(replica: Replica, version: str, example: str | None) -> bool:
     return True
 
 
-def serving_example(name: str, version: str) -> str | None:
+def serving_example(model_dir: Path) -> str | None:
     """The request body MLflow stored with the model (``serving_input_example.json``), or None."""
-    uri = model_uri(name, version)
+    uri = str(model_dir)
     model = Model.load(uri)
     if not (model.saved_input_example_info or {}).get(SERVING_INPUT_PATH):
         return None

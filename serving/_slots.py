@@ -126,6 +126,8 @@ class Slot:
     # controller gives it up (see serving._planner.GiveUp).
     failure: str | None = None
     failure_log: Path | None = None
+    # The version's verified local copy every replica serves (stageflow.manifest).
+    model_dir: Path | None = None
 
     @property
     def where(self) -> str:
@@ -158,6 +160,7 @@ class Slot:
     def clear(self) -> None:
         self.version, self.role, self.routed, self.proved = None, "", False, False
         self.example, self.failure, self.failure_log = None, None, None
+        self.model_dir = None
         self.started_at = self.unrouted_at = 0.0
         for replica in self.replicas:
             replica.clear()

@@ -162,6 +162,7 @@ def score(
     config: dict,
     id_column: str | None,
     master: str | None,
+    model_dir: Path,
 ) -> Scored:
     """Score ``input_path`` on Spark into Parquet parts at ``output_path``.
 
@@ -172,7 +173,8 @@ def score(
     import mlflow  # noqa: PLC0415
 
     master = master or DEFAULT_MASTER
-    uri = f"models:/{model}/{version}"
+    # The copy batch.score verified: the driver and the executors load the same files.
+    uri = str(model_dir)
     pyfunc = mlflow.pyfunc.load_model(uri)
     contract = getattr(pyfunc.unwrap_python_model(), "contract", None)
     if contract is None:

@@ -37,7 +37,7 @@ import requests
 
 from serving import _model_server
 from serving._slots import Replica, Slot
-from stageflow import processes
+from stageflow import manifest, processes
 from stageflow.errors import StageflowError
 
 # The controller's account of its work is one log stream, whichever module does
@@ -51,6 +51,8 @@ REPLICA_LOG_MAX_BYTES = 10 * 1024 * 1024
 PING_INTERVAL_S = 0.5
 PING_TIMEOUT_S = 1.0
 KILL_WAIT_S = 5.0
+# A replica whose restart was refused (its copy does not verify) is tried again after this.
+RESTART_RETRY_S = 30.0
 
 
 class Supervisor:
@@ -90,10 +92,26 @@ class Supervisor:
             replica,
             self.tracking_uri,
             log_path,
+            self._verified(slot),
             self.model_config,
             access_log=self.access_log,
         )
         self.started_pids.append(replica.proc.pid)
+
+    def _verified(self, slot: Slot) -> Path:
+        """The slot's local copy, checked again before each (re)start of a replica.
+
+        The copy was verified as the version started (``Effects``); a restart checks
+        its files against the manifest kept with it, so a copy changed on this host is
+        refused too (the restart fails, its siblings keep serving).
+        """
+        assert slot.model_dir is not None, "Effects makes the verified copy before starting"
+        manifest.verify(
+            slot.model_dir,
+            manifest.kept_manifest(slot.model_dir),
+            f"version {slot.version} of {self.model_name} (local copy {slot.model_dir})",
+        )
+        return slot.model_dir
 
     def prove(self, slots: list[Slot]) -> None:
         """Take every starting replica one step of its proof; record what came of it.
@@ -156,7 +174,10 @@ class Supervisor:
         log_path = replica.log_path
         _model_server.stop_replica(replica)  # whatever the dead one left behind
         replica.log_path = log_path
-        self.start(slot, replica)
+        try:
+            self.start(slot, replica)
+        except StageflowError as exc:  # its local copy no longer verifies: never started
+            self.retry_later(slot, replica, str(exc), time.monotonic() + RESTART_RETRY_S)
 
     def replace(self, slot: Slot, replica: Replica, silent_for: float, serving: bool) -> None:
         """Kill a hung replica's process group (it answers no signal it would have to

@@ -40,7 +40,7 @@ from registry import PRODUCTION, current_version, require_model
 from serving import guarded_model
 from serving.guarded_model import GUARD_PROBLEM
 from serving.inference_log import BATCH, InferenceLog
-from stageflow import files, tracking
+from stageflow import files, manifest, tracking
 from stageflow.contract import input_columns
 from stageflow.errors import StageflowError, UsageError
 from stageflow.files import FILE_SUFFIXES, file_digest
@@ -145,6 +145,9 @@ def score(
     require_model(client, model)
     version = _resolve_version(client, model, version)
     config = {**(model_config or {}), "on_invalid": on_invalid}
+    # Fetched afresh and checked against the version's manifest before anything runs:
+    # a version whose files changed in the store is refused here (stageflow.manifest).
+    model_dir = manifest.local_copy(model, version, client, fresh=True)
 
     # The run exists before scoring, so the inference log's batch rows carry its id.
     run_id = os.environ.get("MLFLOW_RUN_ID") or _create_run(client, model, version)
@@ -152,10 +155,10 @@ def score(
     try:
         if engine == "spark":
             scored = _spark.score(
-                model, version, input_path, output_path, config, id_column, spark_master
+                model, version, input_path, output_path, config, id_column, spark_master, model_dir
             )
             scored.detail["logged_rows"] = log_batch_rows(
-                model, version, output_path, run_id, id_column, client.tracking_uri
+                model, version, output_path, run_id, id_column, model_dir, client.tracking_uri
             )
         else:
             scored = _score_local(
@@ -169,6 +172,7 @@ def score(
                 run_id,
                 client.tracking_uri,
                 progress,
+                model_dir,
             )
     except BaseException:
         if run_id != os.environ.get("MLFLOW_RUN_ID"):
@@ -364,9 +368,10 @@ def _score_local(
     run_id: str,
     tracking_uri: str,
     progress: bool,
+    model_dir: Path,
 ) -> Scored:
     # The guarded model's policies (``unknown_category``, ``abnormal_output``), as `serve` has.
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}", model_config=config)
+    pyfunc = mlflow.pyfunc.load_model(str(model_dir), model_config=config)
     mark = config["on_invalid"] == "mark"
     spec = input_columns(pyfunc)
     columns = list(spec) if spec is not None else None
@@ -451,6 +456,7 @@ def log_batch_rows(
     output_path,
     run_id: str,
     id_column: str | None,
+    model_dir: Path,
     tracking_uri: str | None = None,
 ) -> int:
     """Hand Spark's scored rows to the inference log as ``batch`` rows; the number handed.
@@ -460,7 +466,7 @@ def log_batch_rows(
     numbers; ``request_id`` is this batch run's id. The local engine logs each
     chunk as it scores it instead.
     """
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}")
+    pyfunc = mlflow.pyfunc.load_model(str(model_dir))
     log = _inference_log(pyfunc, model, version, tracking_uri)
     if log is None:
         return 0

@@ -45,6 +45,7 @@ refused connections for the second that takes); one that keeps dying
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -66,8 +67,8 @@ from serving._planner import ReplicaState, SlotState, SwitchPolicy
 from serving._slots import HealthServer, Replica, Slot, make_slots
 from serving._supervisor import LOG_TAIL_LINES, Liveness, Supervisor, indent
 from serving.frontdoor import FrontDoor, FrontDoorTimings
-from stageflow import processes, tracking
-from stageflow.errors import StageflowError, UsageError
+from stageflow import manifest, processes, tracking
+from stageflow.errors import StageflowError, TrackingServerUnreachable, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ logger = logging.getLogger(__name__)
 # (OMP_NUM_THREADS=1); no more than this, since every replica holds its own copy
 # of the model for each live version (serving, rollback standby, warm Staging).
 DEFAULT_REPLICAS_CAP = 4
+# How long one poll waits for the registry before it counts as away (a hung server).
+REGISTRY_READ_TIMEOUT_S = 5.0
 MAX_REPLICAS = 16
 FRONT_DOOR_RESTARTS = 5
 FRONT_DOOR_RESTART_WINDOW_S = 60.0
@@ -130,7 +133,9 @@ def serve(
         >>> serve("wine", port=8080, replicas=2)  # then: curl -X POST localhost:8080/invocations
 
     Raises:
-        TrackingServerUnreachable: the tracking server did not answer at start.
+        TrackingServerUnreachable: the tracking server did not answer at start, and no
+            Production version served here before (with one, its verified local copy
+            serves, and the log says so).
         UsageError: the port is already taken, or ``replicas`` is out of range.
         StageflowError: the front door could not start, or kept dying while serving.
     """
@@ -178,6 +183,8 @@ class Controller:
         self.uri = tracking.resolve_uri(tracking_uri)
         self.poll_interval = poll_interval
         self.directory = (home or tracking.home()) / "serve" / f"{_file_safe(model_name)}-{port}"
+        # Verified local copies of the versions served, and the last Production (manifest).
+        self.home = home or tracking.home()
         self.timings = timings
         self.policy = policy
         self.metrics_port = metrics_port
@@ -201,6 +208,11 @@ class Controller:
         self._said_waiting = False
         self._split: tuple[str, float, bool] | None = None  # why, since when, said so
         self._shutting_down = threading.Event()
+        # The registry is read on a thread of its own, so a hung tracking server costs the
+        # loop at most REGISTRY_READ_TIMEOUT_S once, not a poll's worth of every MLflow retry.
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry")
+        self._reading: concurrent.futures.Future | None = None
+        self._remembered: str | None = None
 
     @property
     def url(self) -> str:
@@ -266,7 +278,23 @@ class Controller:
     # -- start and stop ------------------------------------------------------
 
     def _start(self) -> None:
-        self.uri = tracking.require_server(self.uri)
+        try:
+            self.uri = tracking.require_server(self.uri)
+        except TrackingServerUnreachable as exc:
+            last = manifest.last_production(self.model_name, self.home)
+            if last is None:
+                raise
+            self._registry_error = str(exc)
+            logger.warning(
+                "the tracking server at %s does not answer; serving version %s of %s, the "
+                "last Production seen here (%s), from its verified local copy in %s until "
+                "it answers",
+                self.uri,
+                last.version,
+                self.model_name,
+                time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(last.seen_at)),
+                last.path,
+            )
         self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.slots, health_port = make_slots(self.replicas)
         supervisor = Supervisor(
@@ -278,7 +306,13 @@ class Controller:
             access_log=self.access_log,
         )
         self._effects = Effects(
-            self.model_name, self.url, self.slots, supervisor, self.policy, self.timings
+            self.model_name,
+            self.url,
+            self.slots,
+            supervisor,
+            self.policy,
+            self.timings,
+            self._local_copy,
         )
         self._health = HealthServer(self.slots, health_port)
         self._health.start()
@@ -326,6 +360,7 @@ class Controller:
             self._effects.stop_all()
         if self._health is not None:
             self._health.close()
+        self._reader.shutdown(wait=False, cancel_futures=True)
         if self.front_door is not None or live:
             logger.info("stopped serving %s", self.model_name)
 
@@ -382,8 +417,20 @@ class Controller:
         active = effects.active
         if active is not None and active.serving():
             self.serving.set()
+            if active.version != self._remembered:
+                # What serve falls back to if the tracking server is away at its next start.
+                manifest.remember_production(self.model_name, str(active.version), self.home)
+                self._remembered = active.version
         else:
             self.serving.clear()
+
+    def _local_copy(self, version: str) -> Path:
+        """The verified local copy of ``version`` its replicas serve (``stageflow.manifest``).
+
+        While the registry is away, only a copy verified here before serves.
+        """
+        client = self._client if self._registry_error is None else None
+        return manifest.local_copy(self.model_name, version, client, self.home)
 
     def _observe(self, stages: tuple[str | None, str | None, str | None] | None) -> _planner.State:
         """What the planner decides on: the registry's stages, the slots, and the clock."""
@@ -402,7 +449,41 @@ class Controller:
         )
 
     def _read_registry(self) -> tuple[str | None, str | None, str | None] | None:
-        """The registry's (Production, Staging, why Production is split); None if it is away."""
+        """The registry's (Production, Staging, why Production is split); None if it is away.
+
+        A read that has not answered within ``REGISTRY_READ_TIMEOUT_S`` (a hung, not
+        dead, tracking server) counts as away, and no second read starts until it ends.
+        While the registry is away and nothing serves yet, the last Production seen here
+        stands in for it (its verified local copy serves).
+        """
+        reading = self._reading
+        if reading is None or reading.done():
+            reading = self._reading = self._reader.submit(self._read_stages)
+            try:
+                stages = reading.result(timeout=REGISTRY_READ_TIMEOUT_S)
+            except concurrent.futures.TimeoutError:
+                stages = RegistryAway(f"it did not answer within {REGISTRY_READ_TIMEOUT_S:.0f}s")
+        else:
+            stages = RegistryAway("a read of it has not answered yet")
+        if isinstance(stages, RegistryAway):
+            self._note_registry_error(stages)
+            last = manifest.last_production(self.model_name, self.home)
+            if self._active is None and last is not None:
+                return last.version, None, None
+            return None
+        if self._registry_error is not None:
+            logger.info("the tracking server at %s answers again", self.uri)
+            self._registry_error = None
+        production, staging, split = stages
+        self._note_split(split)
+        if production is None:
+            self._note_no_production()
+        else:
+            self._said_waiting = False
+        return production, staging, split
+
+    def _read_stages(self) -> tuple[str | None, str | None, str | None] | RegistryAway:
+        """One read of the registry (on the reader thread); what went wrong, if it did."""
         try:
             if self.uri.startswith(("http://", "https://")) and not processes.http_ok(
                 self.uri.rstrip("/") + "/health", timeout=2.0, verify=tracking.tls_verify()
@@ -414,17 +495,8 @@ class Controller:
             # every moment, so it stays live while Production is split mid-promotion.
             placed = registry.placements(self._client, self.model_name)
         except Exception as exc:  # noqa: BLE001 - whatever the registry did, keep serving what serves
-            self._note_registry_error(exc)
-            return None
-        if self._registry_error is not None:
-            logger.info("the tracking server at %s answers again", self.uri)
-            self._registry_error = None
+            return RegistryAway(f"{type(exc).__name__}: {exc}")
         production, staging = placed[registry.PRODUCTION], placed[registry.STAGING]
-        self._note_split(production.split)
-        if production.candidate is None:
-            self._note_no_production()
-        else:
-            self._said_waiting = False
         return production.candidate, staging.candidate, production.split
 
     def _note_split(self, split: str | None) -> None:
@@ -451,9 +523,9 @@ class Controller:
             )
             self._split = (why, since, True)
 
-    def _note_registry_error(self, exc: Exception) -> None:
+    def _note_registry_error(self, away: RegistryAway) -> None:
         first = self._registry_error is None
-        self._registry_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        self._registry_error = str(away).splitlines()[0][:300]
         if first:
             still = (
                 f"still serving version {self.serving_version}"
@@ -491,6 +563,10 @@ class Controller:
     def _replicas(self) -> Iterator[Replica]:
         for slot in self.slots:
             yield from slot.replicas
+
+
+class RegistryAway(Exception):  # a state handed back by the reader thread, not raised
+    """Why one read of the registry got no answer."""
 
 
 def _slot_state(slot: Slot, now: float) -> SlotState:

@@ -42,3 +42,21 @@ def assert_one_holder_per_stage(client: MlflowClient, name: str) -> dict[str, st
         assert (held[0] if held else None) == by_alias, f"{stage} {held} vs @{alias} {by_alias}"
         found[stage] = by_alias
     return found
+
+
+def overwrite_in_store(client: MlflowClient, name: str, version: str, path: str, text: str) -> None:
+    """Replace one file of a registered version in the artifact store, as anyone may who can
+    write artifacts: through the tracking server's artifact API, not the registry."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    location = client.get_model_version_download_uri(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(path).name
+        local.write_text(text)
+        parent = str(Path(path).parent)
+        get_artifact_repository(location).log_artifact(
+            str(local), None if parent == "." else parent
+        )
