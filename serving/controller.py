@@ -51,7 +51,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 import registry
-from serving import _planner, inference_log
+from serving import _mirror, _planner, inference_log
 from serving._effects import Effects
 from serving._model_server import VERSION_HEADER
 from serving._planner import ReplicaState, SlotState, SwitchPolicy
@@ -68,6 +68,7 @@ logger = logging.getLogger(__name__)
 # of the model for each live version (serving, rollback standby, warm Staging).
 DEFAULT_REPLICAS_CAP = 4
 MAX_REPLICAS = 16
+SHADOW_FILE = "shadow.json"
 
 __all__ = [
     "VERSION_HEADER",
@@ -98,6 +99,7 @@ def serve(
     metrics_port: int | None = None,
     replicas: int | None = None,
     model_config: dict[str, Any] | None = None,
+    shadow: bool = False,
 ) -> None:
     """Serve ``model_name``'s Production version on ``http://127.0.0.1:port`` until stopped.
 
@@ -105,7 +107,10 @@ def serve(
     :func:`default_replicas`). ``model_config`` is handed to every one of them
     as the pyfunc's ``model_config`` (MLflow's ``SERVING_MODEL_CONFIG``).
     Caddy's Prometheus metrics are served on ``http://127.0.0.1:METRICS_PORT/metrics``
-    (a free port, logged at start, unless ``metrics_port`` names one).
+    (a free port, logged at start, unless ``metrics_port`` names one). With
+    ``shadow``, every request Production answers (and logs) is mirrored, after its
+    answer, to the warm Staging version, whose predictions are logged beside
+    Production's as ``source=shadow`` (:mod:`serving._mirror`).
 
     Blocks until SIGINT/SIGTERM (when called on the main thread) or until
     ``stop_event`` is set, then stops the front door and every model server.
@@ -127,6 +132,7 @@ def serve(
         metrics_port=metrics_port,
         replicas=replicas,
         model_config=model_config,
+        shadow=shadow,
     ).run(stop_event)
 
 
@@ -151,6 +157,7 @@ class Controller:
         metrics_port: int | None = None,
         replicas: int | None = None,
         model_config: dict[str, Any] | None = None,
+        shadow: bool = False,
     ):
         replicas = default_replicas() if replicas is None else replicas
         if not 1 <= replicas <= MAX_REPLICAS:
@@ -166,6 +173,19 @@ class Controller:
         self.replicas = replicas
         # Every replica logs what it answers unless the config turns the log off.
         self.model_config = inference_log.serving_config(model_config, home or tracking.home())
+        # `--shadow`: the file naming the warm Staging replicas that Production's replicas
+        # mirror answered requests to (serving/_mirror.py says why the mirror lives there).
+        self.shadow_file: Path | None = None
+        self._shadow_target: tuple[str | None, tuple[str, ...]] | None = None
+        if shadow:
+            log = self.model_config[inference_log.INFERENCE_LOG]
+            if inference_log.parse_mode(log.get("mode", "all")) == 0.0:
+                raise UsageError(
+                    "--shadow logs the Staging version's predictions beside Production's: "
+                    "it needs the inference log on (drop --inference-log off, or use sample:F)"
+                )
+            self.shadow_file = self.directory / SHADOW_FILE
+            log["shadow_file"] = str(self.shadow_file)
         self.slots: list[Slot] = []
         self.front_door: FrontDoor | None = None
         self.started_pids: list[int] = []
@@ -246,6 +266,7 @@ class Controller:
         )
         self._health = HealthServer(self.slots, health_port)
         self._health.start()
+        self._publish_shadow()  # no shadow until Staging is warm (and none left from before)
         self.front_door = FrontDoor(
             self.port,
             self.slots,
@@ -283,6 +304,7 @@ class Controller:
             self.front_door.stop()
         if self._effects is not None:
             self._effects.stop_all()
+            self._publish_shadow()
         if self._health is not None:
             self._health.close()
         if self.front_door is not None or live:
@@ -313,6 +335,7 @@ class Controller:
         self._unneeded = dict(plan.unneeded)
         for action in plan.actions:
             effects.carry_out(action, stop)
+        self._publish_shadow()
         active = effects.active
         if active is not None and active.serving():
             self.serving.set()
@@ -397,6 +420,34 @@ class Controller:
                 self.model_name,
                 self.model_name,
             )
+
+    def _publish_shadow(self) -> None:
+        """Under ``--shadow``: point Production's replicas at the warm Staging replicas.
+
+        The shadow reuses the Staging version the controller keeps warm for its
+        promotion (no extra servers), and only its proved, running replicas.
+        """
+        if self.shadow_file is None or self._effects is None:
+            return
+        warm, active = self._effects.warm, self._effects.active
+        target: tuple[str | None, tuple[str, ...]] = (None, ())
+        if warm is not None and warm is not active and warm.version is not None:
+            urls = tuple(r.url for r in warm.replicas if r.ready and r.alive())
+            if urls:
+                target = (warm.version, urls)
+        if target == self._shadow_target:
+            return
+        _mirror.publish(self.shadow_file, target[0], list(target[1]))
+        self._shadow_target = target
+        if target[0] is not None:
+            logger.info(
+                "shadow: requests answered by Production are mirrored to version %s (Staging) "
+                "on %s",
+                target[0],
+                ", ".join(target[1]),
+            )
+        elif self.serving_version is not None:
+            logger.info("shadow: no warm Staging version; nothing is mirrored")
 
     def _replicas(self) -> Iterator[Replica]:
         for slot in self.slots:
