@@ -237,6 +237,10 @@ def test_with_labels_the_monitor_and_the_gate_judge_both_versions_on_the_same_li
     assert shadow["low"] <= shadow["improvement"] <= shadow["high"]
     assert {v["version"] for v in result.to_json()["versions"]} >= {v1, v2}  # keys intact
 
+    # The gates run in this process: serving stops first, so that the offline comparison
+    # (mlflow.models.evaluate) does not share the interpreter with the controller's threads.
+    running.stop()
+
     # Too few labelled live rows for the policy: the gate says so and compares offline.
     strict = tmp_path / "strict.yaml"
     strict.write_text(policy.read_text().replace("min_rows: 100, since", "min_rows: 100000, since"))
