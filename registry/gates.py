@@ -342,7 +342,7 @@ def beats_champion(ctx: GateContext) -> CheckResult:
         "live_rows": pairs.rows if pairs else 0,
         "live_min_rows": live.min_rows,
     }
-    return CheckResult(name, verdict.passed, f"offline ({why_not}): {verdict.detail}", figures)
+    return CheckResult(name, verdict.passed, f"{verdict.detail} (offline: {why_not})", figures)
 
 
 def _live_pairs(ctx: GateContext, champion: str):

@@ -248,7 +248,7 @@ def test_with_labels_the_monitor_and_the_gate_judge_both_versions_on_the_same_li
     check = next(c for c in offline.checks if c.check == "beats_champion")
     assert check.figures["evidence"] == "offline"
     assert check.figures["live_rows"] == len(features)
-    assert check.detail.startswith("offline (")
+    assert "(offline: " in check.detail
 
     # Enough: the gate judges both on the live rows, and the ledger's report says so.
     live = promote(model_name, v2, PRODUCTION, "live shadow comparison", policy_file=str(policy))
