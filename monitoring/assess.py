@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from monitoring import drift, labels, read, reference, thresholds
+from monitoring import drift, labels, read, reference, shadow, thresholds
 from monitoring.performance import CLASSIFICATION, PRIMARY, LiveMetrics, live_metrics, rescore
+from monitoring.shadow import ShadowComparison
 from monitoring.window import DEFAULT_SINCE, Window
 from stageflow import tracking
 from stageflow.errors import UsageError
@@ -61,6 +62,7 @@ class VersionReport:
     notes: list[str] = field(default_factory=list)
     alarm_details: list[dict] = field(default_factory=list)
     run_id: str | None = None
+    task: str = ""
 
     @property
     def drifted_columns(self) -> list[str]:
@@ -120,17 +122,22 @@ class MonitorResult:
     policy_source: str
     policy: dict
     versions: list[VersionReport]
+    # Under `serve --shadow`: Production and the Staging version on the same live rows.
+    shadow: ShadowComparison | None = None
 
     @property
     def alarm(self) -> bool:
         return any(v.alarm_details for v in self.versions)
 
     def to_json(self) -> dict:
-        return {
+        found = {
             "model": self.model,
             "since": self.since,
             "versions": [v.to_json() for v in self.versions],
         }
+        if self.shadow is not None:
+            found["shadow"] = self.shadow.to_json()
+        return found
 
 
 def monitor(
@@ -178,7 +185,26 @@ def monitor(
 
             report.run_id = reporting.log_run(client, model, report, window, policy_source, cfg)
         reports.append(report)
-    return MonitorResult(model, since, window, policy_source, cfg, reports)
+    result = MonitorResult(model, since, window, policy_source, cfg, reports)
+    result.shadow = _compare_shadow(client, model, reports, window, cfg, known_labels)
+    return result
+
+
+def _compare_shadow(client, model, reports, window, cfg, known_labels):
+    """Production vs the Staging version on the live rows the Staging one shadowed, if any."""
+    production = next((r for r in reports if r.role == PRODUCTION), None)
+    staging = next((r for r in reports if r.role == STAGING and r.sources.get(shadow.SHADOW)), None)
+    if production is None or staging is None or not known_labels:
+        return None
+    found = shadow.pairs(
+        client, model, production.version, staging.version, window, staging.task, known_labels
+    )
+    return shadow.summarise(
+        found,
+        int(cfg["min_rows"]),
+        confidence=cfg["live_metric"]["confidence"],
+        resamples=int(cfg["live_metric"]["resamples"]),
+    )
 
 
 def _roles(client, model: str) -> dict[str, str]:
@@ -330,7 +356,7 @@ def judge(
     """
     ref = gathered.ref
     task = ref.get("task", "regression")
-    report = VersionReport(version=version, role=role)
+    report = VersionReport(version=version, role=role, task=task)
     _fill_traffic(report, gathered.traffic)
     report.reference_source = ref.get("source", reference.FROM_TRAINING)
     report.reference_note = ref.get("note", "")

@@ -167,6 +167,34 @@ def load_labels(client, model: str) -> dict[tuple[str, ...], pd.DataFrame]:
     }
 
 
+def join(frame: pd.DataFrame, by_key: dict, keep: list[str]) -> pd.DataFrame:
+    """The rows of ``frame`` that have a label: their ``keep`` columns, the key and ``label``.
+
+    ``by_key`` is :func:`load_labels`' answer; each key's labels join on the rows that
+    carry that key (``id``, or ``request_id`` + ``row``).
+    """
+    joined = []
+    for key, table in by_key.items():
+        key = list(key)
+        if not all(k in frame.columns for k in key):
+            continue
+        left = frame[list(dict.fromkeys([*key, *keep]))].dropna(subset=key).copy()
+        if ID in key:
+            left[ID] = left[ID].astype(str)
+        else:
+            left[REQUEST_ID] = left[REQUEST_ID].astype(str)
+            left[ROW] = pd.to_numeric(left[ROW]).astype("int64")
+        right = table.copy()
+        for k in key:
+            right[k] = right[k].astype(left[k].dtype)
+        found = left.merge(right, on=key, how="inner")
+        if len(found):
+            joined.append(found)
+    if not joined:
+        return pd.DataFrame(columns=[*keep, LABEL])
+    return pd.concat(joined, ignore_index=True)
+
+
 def _target(client, model: str) -> str:
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 

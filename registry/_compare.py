@@ -142,6 +142,7 @@ def decide(
     challenger_score: float,
     interval: tuple[float, float, float],
     policy: ComparisonPolicy,
+    evidence: str = "held-out",
 ) -> Comparison:
     """The comparison's verdict on given figures.
 
@@ -152,6 +153,7 @@ def decide(
 
     Args:
         interval: (low, high, point) of the improvement, as :func:`paired_bootstrap` gives.
+        evidence: which rows the scores are on, named in the verdict ("held-out", "live").
     """
     low, high, point = interval
     allowed = policy.margin * abs(champion_score)
@@ -177,12 +179,43 @@ def decide(
         "rule": rule,
     }
     detail = (
-        f"{metric} on {rows} held-out rows: challenger v{challenger} "
+        f"{metric} on {rows} {evidence} rows: challenger v{challenger} "
         f"{challenger_score:.4f} vs champion v{champion} {champion_score:.4f}; "
         f"improvement {point:+.4f}, {policy.confidence:.0%} CI [{low:+.4f}, {high:+.4f}]; "
         f"{'passes' if passed else 'fails'} {rule}"
     )
     return Comparison(passed, detail, figures)
+
+
+def compare_live(pairs, policy: ComparisonPolicy) -> Comparison:
+    """The same rule as :func:`compare`, on the live rows both versions answered.
+
+    Args:
+        pairs: ``monitoring.shadow.Pairs`` — the labelled rows the champion answered and
+            the challenger shadowed (``serve --shadow``), and each one's predictions.
+    """
+    metric, higher_is_better = PRIMARY_METRIC[pairs.task]
+    challenger_scores, champion_scores = pairs.scores()
+    aggregate = _rmse if metric == "rmse" else _mean
+    return decide(
+        metric=metric,
+        higher_is_better=higher_is_better,
+        champion=pairs.production,
+        challenger=pairs.shadow,
+        rows=pairs.rows,
+        champion_score=float(aggregate(champion_scores, -1)),
+        challenger_score=float(aggregate(challenger_scores, -1)),
+        interval=paired_bootstrap(
+            challenger_scores,
+            champion_scores,
+            metric,
+            higher_is_better,
+            policy.resamples,
+            policy.confidence,
+        ),
+        policy=policy,
+        evidence="labelled live",
+    )
 
 
 def paired_bootstrap(

@@ -315,16 +315,58 @@ def judge_latency(
 
 
 def beats_champion(ctx: GateContext) -> CheckResult:
-    """Champion and challenger scored on the challenger's test split; paired bootstrap CI.
+    """Champion vs challenger by a paired bootstrap CI: on live rows when enough, else offline.
 
-    The comparison and its rule live in ``registry._compare`` (:func:`_compare.decide`).
+    Under ``serve --shadow`` the challenger (the Staging version) answered Production's
+    live requests as a shadow; with at least ``comparison.live.min_rows`` of those rows
+    labelled in the last ``comparison.live.since``, both are judged on them ("don't
+    rely on offline evaluation"). Otherwise both are scored on the challenger's test
+    split. The same rule decides either way (:func:`_compare.decide`), and the report
+    says which evidence it used (``figures["evidence"]``: ``live`` or ``offline``).
     """
     name = "beats_champion"
     champion = ctx.champion()
     if champion is None:
         return CheckResult(name, True, "no champion yet: the absolute thresholds decide")
+    live = ctx.policy.comparison.live
+    pairs, why_not = _live_pairs(ctx, champion)
+    if pairs is not None and pairs.rows >= live.min_rows:
+        verdict = _compare.compare_live(pairs, ctx.policy.comparison)
+        figures = {**verdict.figures, "evidence": "live", "live_since": live.since}
+        return CheckResult(name, verdict.passed, f"live: {verdict.detail}", figures)
+    if why_not is None:
+        why_not = (
+            f"{pairs.rows if pairs else 0} labelled live rows of v{ctx.version.version} "
+            f"shadowing v{champion} in the last {live.since} < comparison.live.min_rows "
+            f"{live.min_rows}"
+        )
     verdict = _compare.compare(ctx, champion)
-    return CheckResult(name, verdict.passed, verdict.detail, verdict.figures)
+    figures = {
+        **verdict.figures,
+        "evidence": "offline",
+        "live_rows": pairs.rows if pairs else 0,
+        "live_min_rows": live.min_rows,
+    }
+    return CheckResult(name, verdict.passed, f"{verdict.detail} (offline: {why_not})", figures)
+
+
+def _live_pairs(ctx: GateContext, champion: str):
+    """The labelled live rows champion and challenger both answered, or (None, why not)."""
+    # The monitor reads the inference log; imported here, since only this check needs it.
+    from monitoring import shadow  # noqa: PLC0415
+    from monitoring.window import Window  # noqa: PLC0415
+
+    task = ctx.task()
+    if task not in TASK_METRICS:
+        return None, f"version {ctx.version.version} has no task"
+    try:
+        window = Window.ending_now(ctx.policy.comparison.live.since)
+        found = shadow.pairs(
+            ctx.client, ctx.model, champion, str(ctx.version.version), window, task
+        )
+    except Exception as exc:  # noqa: BLE001 - no live evidence is no reason to refuse
+        return None, f"could not read the live rows: {_first_line(exc)}"
+    return found, None
 
 
 # The checks each target stage runs, cheapest first.

@@ -15,6 +15,8 @@ A policy has four sections; anything it leaves out keeps the default below::
       require_improvement: false   # true: better with confidence, not merely not worse
       confidence: 0.95
       resamples: 1000      # paired bootstrap resamples
+      live: {min_rows: 500, since: "7d"}   # `serve --shadow`: judged on live labelled rows
+                           # when at least min_rows pair up in the window, else offline
     monitoring:            # what the monitor and the closed loop judge served traffic by
       min_rows: 200                      # below this a check says "not enough rows"
       drift: {psi: 0.2, p_value: 0.01}   # a column drifts when PSI > psi and p < p_value
@@ -162,13 +164,26 @@ class LatencyBudget(_Section):
     repeats: Count = 20
 
 
+class LiveComparisonPolicy(_Section):
+    """Champion vs challenger on live rows (``serve --shadow``): used from ``min_rows`` pairs.
+
+    A labelled live row counts when both versions answered it: Production to the client,
+    the challenger as its shadow, within the last ``since``. Fewer, and the gate compares
+    on the challenger's test split instead (the gate report says which it used).
+    """
+
+    min_rows: Count = 500
+    since: Duration = "7d"
+
+
 class ComparisonPolicy(_Section):
-    """Champion vs challenger before Production (paired bootstrap on the test split)."""
+    """Champion vs challenger before Production (paired bootstrap: live rows, or the test split)."""
 
     margin: Number = 0.02
     require_improvement: StrictBool = False
     confidence: Confidence = 0.95
     resamples: Count = 1000
+    live: LiveComparisonPolicy = LiveComparisonPolicy()
 
 
 class DriftPolicy(_Section):

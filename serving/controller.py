@@ -60,7 +60,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 import registry
-from serving import _planner, inference_log
+from serving import _mirror, _planner, inference_log
 from serving._effects import Effects
 from serving._model_server import VERSION_HEADER
 from serving._planner import ReplicaState, SlotState, SwitchPolicy
@@ -84,6 +84,7 @@ FRONT_DOOR_RESTART_WINDOW_S = 60.0
 FRONT_DOOR_CHECK_S = 0.05
 # A split Production shorter than this is a promotion between its writes: not worth a warning.
 SPLIT_GRACE_SECONDS = 5.0
+SHADOW_FILE = "shadow.json"
 
 __all__ = [
     "VERSION_HEADER",
@@ -115,6 +116,7 @@ def serve(
     replicas: int | None = None,
     model_config: dict[str, Any] | None = None,
     access_log: bool = False,
+    shadow: bool = False,
 ) -> None:
     """Serve ``model_name``'s Production version on ``http://127.0.0.1:port`` until stopped.
 
@@ -124,7 +126,10 @@ def serve(
     Caddy's Prometheus metrics are served on ``http://127.0.0.1:METRICS_PORT/metrics``
     (a free port, logged at start, unless ``metrics_port`` names one).
     ``access_log`` turns on a line per request in the front door's ``access.log``
-    (rolled) and in each replica's log (capped); both are off by default.
+    (rolled) and in each replica's log (capped); both are off by default. With
+    ``shadow``, every request Production answers (and logs) is mirrored, after its
+    answer, to the warm Staging version, whose predictions are logged beside
+    Production's as ``source=shadow`` (:mod:`serving._mirror`).
 
     Blocks until SIGINT/SIGTERM (when called on the main thread) or until
     ``stop_event`` is set, then stops the front door and every model server.
@@ -149,6 +154,7 @@ def serve(
         replicas=replicas,
         model_config=model_config,
         access_log=access_log,
+        shadow=shadow,
     ).run(stop_event)
 
 
@@ -174,6 +180,7 @@ class Controller:
         replicas: int | None = None,
         model_config: dict[str, Any] | None = None,
         access_log: bool = False,
+        shadow: bool = False,
     ):
         replicas = default_replicas() if replicas is None else replicas
         if not 1 <= replicas <= MAX_REPLICAS:
@@ -192,6 +199,19 @@ class Controller:
         self.access_log = access_log
         # Every replica logs what it answers unless the config turns the log off.
         self.model_config = inference_log.serving_config(model_config, home or tracking.home())
+        # `--shadow`: the file naming the warm Staging replicas that Production's replicas
+        # mirror answered requests to (serving/_mirror.py says why the mirror lives there).
+        self.shadow_file: Path | None = None
+        self._shadow_target: tuple[str | None, tuple[str, ...]] | None = None
+        if shadow:
+            log = self.model_config[inference_log.INFERENCE_LOG]
+            if inference_log.parse_mode(log.get("mode", "all")) == 0.0:
+                raise UsageError(
+                    "--shadow logs the Staging version's predictions beside Production's: "
+                    "it needs the inference log on (drop --inference-log off, or use sample:F)"
+                )
+            self.shadow_file = self.directory / SHADOW_FILE
+            log["shadow_file"] = str(self.shadow_file)
         self.slots: list[Slot] = []
         self.front_door: FrontDoor | None = None
         self.started_pids: list[int] = []
@@ -318,6 +338,7 @@ class Controller:
         self._health.start()
         self._liveness = Liveness(self.slots)
         self._liveness.start()
+        self._publish_shadow()  # no shadow until Staging is warm (and none left from before)
         self.front_door = FrontDoor(
             self.port,
             self.slots,
@@ -358,6 +379,7 @@ class Controller:
             self._liveness.close()
         if self._effects is not None:
             self._effects.stop_all()
+            self._publish_shadow()
         if self._health is not None:
             self._health.close()
         self._reader.shutdown(wait=False, cancel_futures=True)
@@ -414,6 +436,7 @@ class Controller:
         self._unneeded = dict(plan.unneeded)
         for action in plan.actions:
             effects.carry_out(action, stop)
+        self._publish_shadow()
         active = effects.active
         if active is not None and active.serving():
             self.serving.set()
@@ -559,6 +582,34 @@ class Controller:
                 self.model_name,
                 self.model_name,
             )
+
+    def _publish_shadow(self) -> None:
+        """Under ``--shadow``: point Production's replicas at the warm Staging replicas.
+
+        The shadow reuses the Staging version the controller keeps warm for its
+        promotion (no extra servers), and only its proved, running replicas.
+        """
+        if self.shadow_file is None or self._effects is None:
+            return
+        warm, active = self._effects.warm, self._effects.active
+        target: tuple[str | None, tuple[str, ...]] = (None, ())
+        if warm is not None and warm is not active and warm.version is not None:
+            urls = tuple(r.url for r in warm.replicas if r.ready and r.alive())
+            if urls:
+                target = (warm.version, urls)
+        if target == self._shadow_target:
+            return
+        _mirror.publish(self.shadow_file, target[0], list(target[1]))
+        self._shadow_target = target
+        if target[0] is not None:
+            logger.info(
+                "shadow: requests answered by Production are mirrored to version %s (Staging) "
+                "on %s",
+                target[0],
+                ", ".join(target[1]),
+            )
+        elif self.serving_version is not None:
+            logger.info("shadow: no warm Staging version; nothing is mirrored")
 
     def _replicas(self) -> Iterator[Replica]:
         for slot in self.slots:

@@ -28,6 +28,7 @@ import atexit
 import collections
 import contextlib
 import contextvars
+import json
 import logging
 import os
 import queue
@@ -47,6 +48,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving import _admission
+from serving._mirror import STATS_PATH, Mirror
 from stageflow import tracking
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ KIND = "inference-log"
 ONLINE, BATCH, SHADOW = "online", "batch", "shadow"
 ACCEPTED, REFUSED, FLAGGED = "accepted", "refused", "flagged"
 INPUT_PREFIX = "input."
+SHADOW_OF = "shadow_of"  # on shadow rows: the Production version that answered the client
 SEGMENT_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"
 REQUEST_ID_HEADER = "X-Request-Id"
 # The controller's own proof requests carry this header and are not logged.
@@ -145,6 +148,9 @@ class LogSettings(BaseModel):
     # What each replica admits (serving/_admission.py): rows per request, requests at once.
     max_rows: int = Field(default=_admission.MAX_ROWS, ge=1)
     max_concurrency: int = Field(default=_admission.MAX_CONCURRENCY, ge=1)
+    # `serve --shadow`: the controller's file naming the warm Staging replicas to mirror
+    # answered requests to (serving/_mirror.py); None: no mirroring.
+    shadow_file: str | None = None
 
     @field_validator("mode")
     @classmethod
@@ -203,6 +209,10 @@ class Request:
     refused: dict | None = None
     first_row: int = 0
     rows: int = 0
+    # A mirrored request (`serve --shadow`): logged as source `shadow`, and the
+    # Production version whose answer it shadows.
+    source: str | None = None
+    shadow_of: str | None = None
 
     def refuse(self, problem: str, row: int | None = None) -> None:
         self.refused = {"problem": problem, "row": -1 if row is None else int(row)}
@@ -508,6 +518,9 @@ class InferenceLog:
                 pa.field("problem", pa.string()),
                 pa.field("latency_ms", pa.float64()),
                 pa.field("prediction", pa.string() if self.classify else pa.float64()),
+                # Added with `serve --shadow`; segments written before lack it (readers
+                # take a missing column as all null).
+                pa.field(SHADOW_OF, pa.string()),
             ]
             fields += [pa.field(INPUT_PREFIX + n, pa.float64()) for n in self.numeric]
             fields += [pa.field(INPUT_PREFIX + n, pa.string()) for n in self.categorical]
@@ -552,7 +565,13 @@ class InferenceLog:
             ),
             pa.array(np.full(total, self.settings.model, dtype=object), pa.string()),
             pa.array(np.full(total, self.settings.version, dtype=object), pa.string()),
-            pa.array(np.full(total, self.settings.source, dtype=object), pa.string()),
+            pa.array(
+                np.repeat(
+                    np.array([r.source or self.settings.source for r in requests], dtype=object),
+                    counts,
+                ),
+                pa.string(),
+            ),
             pa.array(
                 np.repeat(np.array([r.request_id for r in requests], dtype=object), counts),
                 pa.string(),
@@ -572,6 +591,10 @@ class InferenceLog:
             _text(prediction)
             if self.classify
             else pa.array(prediction.astype(np.float64), pa.float64(), from_pandas=True),
+            pa.array(
+                np.repeat(np.array([r.shadow_of for r in requests], dtype=object), counts),
+                pa.string(),
+            ),
         ]
         columns += [
             pa.array(numeric[:, j], pa.float64(), from_pandas=True) for j in range(numeric.shape[1])
@@ -757,31 +780,52 @@ class RequestIds:
     thread MLflow predicts on) and hands it to the log once the answer is sent.
     """
 
-    def __init__(self, app, log: InferenceLog | None = None):
-        self.app, self.log = app, log
+    def __init__(self, app, log: InferenceLog | None = None, mirror: Mirror | None = None):
+        self.app, self.log, self.mirror = app, log, mirror
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan" and self.log is not None:
             await self.app(scope, receive, self._closing(send))
             return
+        if scope["type"] == "http" and scope["path"] == STATS_PATH:
+            await self._stats(send)
+            return
         if scope["type"] != "http" or scope["path"] != "/invocations":
             await self.app(scope, receive, send)
             return
-        request_id, probe = None, False
+        request_id, probe, shadow_of, content_type = None, False, None, None
         for key, value in scope["headers"]:
             if key == b"x-request-id":
                 request_id = value.decode("latin-1")
             elif key == b"x-stageflow-probe":
                 probe = True
+            elif key == b"x-stageflow-shadow":
+                shadow_of = value.decode("latin-1")
+            elif key == b"content-type":
+                content_type = value.decode("latin-1")
         # Only requests that bypass the front door lack one; 16 random bytes as hex cost
         # ~3 µs where uuid4() measured ~40 µs here.
         request_id = request_id or os.urandom(16).hex()
         header = (b"x-request-id", request_id.encode("latin-1"))
-        record = (
-            Request(request_id)
-            if self.log is not None and not probe and self.log.sampled()
+        if self.log is None or probe:
+            record = None
+        elif shadow_of is not None:
+            # Mirrored by the Production replica, which logged it: every one is logged here
+            # too, under this (the shadow) version, so the two pair up row by row.
+            record = Request(request_id, source=SHADOW, shadow_of=shadow_of)
+        else:
+            record = Request(request_id) if self.log.sampled() else None
+        # Mirror what this replica logs (so both sides have the same rows), never a mirror.
+        mirror = (
+            self.mirror
+            if record is not None and shadow_of is None and self.mirror is not None
             else None
         )
+        if mirror is not None and mirror.shadow_version is not None:
+            body: list[bytes] = []
+            receive = _keeping(receive, body)
+        else:
+            mirror = None
         status = [None]
 
         async def send_with_id(message):
@@ -798,6 +842,30 @@ class RequestIds:
             if record is not None:
                 record.finish(status[0])
                 self.log.record(record)
+            # The answer has gone out; the copy waits on the mirror's bounded queue.
+            if mirror is not None and status[0] is not None and status[0] < 500:
+                mirror.offer(b"".join(body), content_type, request_id)
+
+    async def _stats(self, send) -> None:
+        """``GET STATS_PATH``: this replica's shadow mirror and inference log counts, as JSON."""
+        stats = {
+            "shadow": self.mirror.stats() if self.mirror is not None else None,
+            "inference_log": None
+            if self.log is None
+            else {"written": self.log.written, "dropped": self.log.dropped},
+        }
+        data = json.dumps(stats).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
 
     def _closing(self, send):
         """``send`` that writes and uploads what the log holds before the server says it stopped."""
@@ -810,7 +878,21 @@ class RequestIds:
         return send_closing
 
 
-def _install_on_next_app(log: InferenceLog | None, settings: LogSettings) -> None:
+def _keeping(receive, parts: list[bytes]):
+    """``receive`` that also keeps the request body's chunks (references, no copies)."""
+
+    async def receive_keeping():
+        message = await receive()
+        if message["type"] == "http.request":
+            parts.append(message.get("body", b""))
+        return message
+
+    return receive_keeping
+
+
+def _install_on_next_app(
+    log: InferenceLog | None, settings: LogSettings, mirror: Mirror | None = None
+) -> None:
     """Make the FastAPI app MLflow's scoring server builds next carry :class:`RequestIds`
     and, inside it, :class:`serving._admission.Admission` with the settings' limits.
 
@@ -833,7 +915,7 @@ def _install_on_next_app(log: InferenceLog | None, settings: LogSettings) -> Non
         def __init__(self, *args, **kwargs):
             fastapi.FastAPI = original  # one app only
             kwargs["middleware"] = [
-                Middleware(RequestIds, log=log),
+                Middleware(RequestIds, log=log, mirror=mirror),
                 Middleware(
                     _admission.Admission,
                     max_rows=settings.max_rows,
@@ -858,7 +940,9 @@ def attach(guard, classify: bool, config: dict) -> InferenceLog | None:
 
     Inside ``mlflow models serve`` it installs :class:`RequestIds` (answers carry
     ``X-Request-Id`` even with the log off) and, unless the mode is ``off``,
-    starts the version's :class:`InferenceLog`, which it returns.
+    starts the version's :class:`InferenceLog`, which it returns. With a
+    ``shadow_file`` (``serve --shadow``) it also starts the replica's shadow
+    :class:`serving._mirror.Mirror`.
     """
     settings = LogSettings(**config)
     if not in_model_server():
@@ -881,5 +965,8 @@ def attach(guard, classify: bool, config: dict) -> InferenceLog | None:
             settings.mode,
             log.directory,
         )
-    _install_on_next_app(log, settings)
+    mirror = None
+    if log is not None and settings.shadow_file:
+        mirror = Mirror(settings.shadow_file, settings.version).start()
+    _install_on_next_app(log, settings, mirror)
     return log

@@ -121,6 +121,16 @@ def _text(result) -> str:
         for alarm in v.alarms:
             lines.append(f"    ALARM: {alarm}")
         lines.append(f"    run {v.run_id}")
+    shadow = result.shadow
+    if shadow is not None and shadow.improvement is not None:
+        lines.append(
+            f"  shadow: v{shadow.shadow} vs v{shadow.production} on {shadow.rows} labelled live "
+            f"rows: {shadow.metric} {shadow.shadow_value:.4g} vs {shadow.production_value:.4g}, "
+            f"improvement {shadow.improvement:+.4f} [{shadow.low:+.4f}, {shadow.high:+.4f}], "
+            f"agreement {shadow.agreement:.1%}"
+        )
+    elif shadow is not None:
+        lines.append(f"  shadow: v{shadow.shadow} vs v{shadow.production}: {shadow.note}")
     return "\n".join(lines)
 
 

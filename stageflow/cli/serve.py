@@ -78,6 +78,14 @@ def add_commands(commands) -> None:
         "(default: 16)",
     )
     serve.add_argument(
+        "--shadow",
+        action="store_true",
+        help="mirror every request Production answers (and logs) to the warm Staging version, "
+        "after the answer is sent: its predictions are logged beside Production's "
+        "(source=shadow) for `stageflow monitor` and the gate to Production; the client's "
+        "answer never depends on it (README, Automatic rollback and retraining)",
+    )
+    serve.add_argument(
         "--metrics-port",
         type=port,
         metavar="PORT",
@@ -118,5 +126,6 @@ def run(args) -> int:
         replicas=args.replicas,
         model_config={**guard_config(args), inference_log.INFERENCE_LOG: log},
         access_log=args.access_log,
+        shadow=args.shadow,
     )
     return 0
