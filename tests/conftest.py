@@ -140,9 +140,13 @@ def postgres_database():
 # (`--dist loadgroup --no-loadscope-reorder`), so the long ones start at once and the
 # short ones fill in around them instead of one long test ending the run alone.
 SLOWEST_FIRST = (
+    "tests/monitoring/test_closed_loop.py",
     "tests/test_demo.py",
     "tests/test_lifecycle.py",
     "tests/serving/test_serve.py",
+    "tests/serving/test_shadow.py",
+    "tests/serving/test_verified_copy.py",
+    "tests/serving/test_hung_replica.py",
     "tests/test_mlproject.py",
     "tests/test_ui.py",
     "tests/serving/test_guarded.py",

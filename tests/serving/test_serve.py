@@ -306,7 +306,8 @@ def test_a_staging_version_is_warmed_and_its_promotion_switches_at_once(
     controller: Controller = running.controller
 
     def servers_of(version: str) -> list[int]:
-        return processes_mentioning(f"models:/{name}/{version} ")
+        # Replicas serve the version's verified local copy (stageflow.manifest).
+        return processes_mentioning(f"models/{name}/{version}")
 
     move(client, name, b, STAGING)
     processes.wait_until(
