@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from monitoring import labels, read
 from monitoring.performance import CLASSIFICATION, PRIMARY
 from monitoring.window import Window
+from registry import paired_bootstrap
 from serving import inference_log
 
 SHADOW = inference_log.SHADOW
@@ -162,30 +162,17 @@ def summarise(
         result.note = f"not enough labelled shadow rows: {found.rows} < min_rows {min_rows}"
         return result
     shadow_scores, production_scores = found.scores()
-    sign = 1.0 if higher else -1.0
 
-    def aggregate(values, axis=-1):
-        mean = np.mean(values, axis=axis)
-        return mean if found.task == CLASSIFICATION else np.sqrt(mean)
+    def aggregate(values):
+        mean = float(np.mean(values))
+        return mean if found.task == CLASSIFICATION else float(np.sqrt(mean))
 
-    def improvement(a, b, axis=-1):
-        return sign * (aggregate(a, axis) - aggregate(b, axis))
-
-    point = float(improvement(shadow_scores, production_scores))
+    point = (aggregate(shadow_scores) - aggregate(production_scores)) * (1.0 if higher else -1.0)
     low = high = point
-    if found.rows > 1 and np.ptp(shadow_scores - production_scores) > 0:
-        ci = stats.bootstrap(
-            (shadow_scores, production_scores),
-            improvement,
-            paired=True,
-            vectorized=True,
-            n_resamples=resamples,
-            batch=max(1, 2_000_000 // found.rows),
-            confidence_level=confidence,
-            method="percentile",
-            rng=np.random.default_rng(0),
-        ).confidence_interval
-        low, high = float(ci.low), float(ci.high)
+    if np.ptp(shadow_scores - production_scores) > 0:  # else nothing varies to resample
+        low, high, point = paired_bootstrap(
+            shadow_scores, production_scores, metric, higher, resamples, confidence
+        )
     result.production_value = round(float(aggregate(production_scores)), 6)
     result.shadow_value = round(float(aggregate(shadow_scores)), 6)
     result.improvement, result.low, result.high = round(point, 6), round(low, 6), round(high, 6)

@@ -7,9 +7,12 @@ Public surface:
     placements, Placement -- where each stage stands, settled or split (what serving
         and ``status`` both follow);
     require_model -- a clear error when a registered model does not exist;
+    paired_bootstrap -- the interval of one model's improvement over another on the same rows
+        (the champion gate's rule, which the monitor's shadow comparison shares);
     stage and alias names.
 """
 
+from registry._compare import paired_bootstrap
 from registry._stages import (
     ARCHIVED,
     CHALLENGER,
@@ -45,6 +48,7 @@ __all__ = [
     "TransitionResult",
     "current_version",
     "history",
+    "paired_bootstrap",
     "placements",
     "promote",
     "repair",
