@@ -1,5 +1,8 @@
 """Small helpers shared by test modules."""
 
+import subprocess
+import sys
+
 import mlflow
 import psutil
 from mlflow import MlflowClient
@@ -60,3 +63,14 @@ def overwrite_in_store(client: MlflowClient, name: str, version: str, path: str,
         get_artifact_repository(location).log_artifact(
             str(local), None if parent == "." else parent
         )
+
+
+def stageflow_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m stageflow ARGS`` in ``env``, its output captured, whatever its exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "stageflow", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )

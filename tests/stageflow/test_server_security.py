@@ -3,27 +3,16 @@
 import json
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 import requests
 
 from stageflow import processes, server, tracking
 from stageflow.errors import StageflowError, UsageError
+from tests.helpers import stageflow_cli
 
 ADMIN_PASSWORD = "a-long-admin-password"
 PROBE = tracking.API_PROBE
-
-
-def _stageflow(*args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "stageflow", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
 
 
 def test_a_public_bind_without_auth_is_refused_before_anything_starts(tmp_path):
@@ -36,7 +25,9 @@ def test_a_public_bind_without_auth_is_refused_before_anything_starts(tmp_path):
 def test_auth_without_the_admin_password_is_refused_with_exit_2(tmp_path, monkeypatch):
     monkeypatch.delenv(server.ADMIN_PASSWORD_ENV, raising=False)
     env = os.environ | {"STAGEFLOW_HOME": str(tmp_path)}
-    answer = _stageflow("server", "start", "--auth", "--port", str(processes.free_port()), env=env)
+    answer = stageflow_cli(
+        "server", "start", "--auth", "--port", str(processes.free_port()), env=env
+    )
     assert answer.returncode == 2
     assert server.ADMIN_PASSWORD_ENV in answer.stderr
     assert len(answer.stderr.strip().splitlines()) == 1
@@ -75,7 +66,7 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
         base = os.environ | {"MLFLOW_TRACKING_URI": info.uri}
         base.pop("MLFLOW_TRACKING_USERNAME", None)
         base.pop("MLFLOW_TRACKING_PASSWORD", None)
-        refused = _stageflow("status", "--model", "anything", env=base)
+        refused = stageflow_cli("status", "--model", "anything", env=base)
         assert refused.returncode == 1
         assert "MLFLOW_TRACKING_USERNAME" in refused.stderr
         assert "Traceback" not in refused.stderr
@@ -84,7 +75,7 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
             "MLFLOW_TRACKING_USERNAME": "admin",
             "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
         }
-        trained = _stageflow(
+        trained = stageflow_cli(
             "train", "--data", "builtin:wine", "--target", "target", "--family", "lr",
             "--model-name", "team-wine", "--json", env=creds,
         )  # fmt: skip
@@ -95,12 +86,12 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
             ("policy", "set", "--model", "team-wine", "--file", str(untimed_policy)),
             ("status", "--model", "team-wine", "--json"),
         ):
-            answer = _stageflow(*command, env=creds)
+            answer = stageflow_cli(*command, env=creds)
             assert answer.returncode == 0, (command, answer.stderr)
 
         # Roles: two promoters take turns through the registry lock; a reader reads only.
         def user(name, role):
-            made = _stageflow(
+            made = stageflow_cli(
                 "server", "user", "add", name, "--role", role, "--model", "team-wine",
                 env=creds | {"STAGEFLOW_USER_PASSWORD": f"{name}-password-long"},
             )  # fmt: skip
@@ -115,25 +106,25 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
             user("bob", "promoter"),
             user("carol", "reader"),
         )
-        staged = _stageflow(
+        staged = stageflow_cli(
             "promote", "--model", "team-wine", "--version", "1", "--to", "Staging", env=alice
         )
         assert staged.returncode == 0, staged.stderr
-        refused = _stageflow(
+        refused = stageflow_cli(
             "promote", "--model", "team-wine", "--version", "1", "--to", "Production", env=carol
         )
         assert refused.returncode == 1
         assert "server user add" in refused.stderr  # names the fix, whichever call said no
         assert len(refused.stderr.strip().splitlines()) == 1
-        promoted = _stageflow(
+        promoted = stageflow_cli(
             "promote", "--model", "team-wine", "--version", "1", "--to", "Production", env=bob
         )
         assert promoted.returncode == 0, promoted.stderr
-        seen = _stageflow("status", "--model", "team-wine", "--json", env=carol)
+        seen = stageflow_cli("status", "--model", "team-wine", "--json", env=carol)
         assert seen.returncode == 0, seen.stderr
         assert json.loads(seen.stdout)["production"] == "1"
         assert json.loads(seen.stdout)["problems"] == []
-        history = _stageflow("history", "--model", "team-wine", "--json", env=carol)
+        history = stageflow_cli("history", "--model", "team-wine", "--json", env=carol)
         assert [e["to_stage"] for e in json.loads(history.stdout)["entries"]] == [
             "Staging",
             "Production",

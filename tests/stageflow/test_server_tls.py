@@ -4,8 +4,6 @@ import datetime
 import ipaddress
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import requests
@@ -16,18 +14,9 @@ from cryptography.x509.oid import NameOID
 
 from stageflow import processes, server, tracking
 from stageflow.errors import UsageError
+from tests.helpers import stageflow_cli
 
 ADMIN_PASSWORD = "a-long-admin-password"
-
-
-def _stageflow(*args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "stageflow", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
 
 
 def _self_signed(tmp_path):
@@ -129,19 +118,19 @@ def test_with_tls_only_https_answers_and_a_client_trusting_the_ca_trains_with_au
             "STAGEFLOW_HOME": str(tmp_path / "client"),
         }
         env.pop("MLFLOW_TRACKING_SERVER_CERT_PATH", None)
-        untrusted = _stageflow("status", "--model", "anything", env=env)
+        untrusted = stageflow_cli("status", "--model", "anything", env=env)
         assert untrusted.returncode == 1
         assert "MLFLOW_TRACKING_SERVER_CERT_PATH" in untrusted.stderr
         assert "Traceback" not in untrusted.stderr
 
         env["MLFLOW_TRACKING_SERVER_CERT_PATH"] = info.ca_cert
-        trained = _stageflow(
+        trained = stageflow_cli(
             "train", "--data", "builtin:wine", "--target", "target", "--family", "lr",
             "--model-name", "tls-wine", "--json", env=env,
         )  # fmt: skip
         assert trained.returncode == 0, trained.stderr
         assert json.loads(trained.stdout)["version"] == "1"
-        status = _stageflow("status", "--model", "tls-wine", "--json", env=env)
+        status = stageflow_cli("status", "--model", "tls-wine", "--json", env=env)
         assert status.returncode == 0, status.stderr
 
         again = server.start(port=info.port, home=home, auth=True, tls=True)
