@@ -7,6 +7,7 @@ decide leases, and the lock's numbering orders the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import mlflow
@@ -21,34 +22,39 @@ pytestmark = pytest.mark.slow
 REAL_TIME = time.time
 
 
-def skew_clock(monkeypatch, seconds: float) -> None:
-    """This process's wall clock runs ``seconds`` off the server's (monotonic untouched)."""
-    monkeypatch.setattr(time, "time", lambda: REAL_TIME() + seconds)
+@contextlib.contextmanager
+def skewed_clock(seconds: float):
+    """Inside, this process's wall clock runs ``seconds`` off the server's (monotonic untouched).
+
+    Its own patch context: the test's ``monkeypatch.undo()`` would also undo the fixtures'
+    tracking URI, and every later call would then go to the default server.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time, "time", lambda: REAL_TIME() + seconds)
+        yield
 
 
 def test_a_promoter_whose_clock_runs_three_minutes_ahead_does_not_take_a_held_lock(
-    tracking_uri, register_versions, model_name, monkeypatch
+    tracking_uri, register_versions, model_name
 ):
     register_versions(model_name)
     client = MlflowClient()
     held = _lock.acquire(client, model_name, "first@host")
     try:
-        skew_clock(monkeypatch, +180)  # past the 120 s lease, by this promoter's clock
-        with pytest.raises(_lock.LockTimeout, match="held by first@host"):
-            _lock.acquire(client, model_name, "ahead@host", wait_seconds=3)
+        with skewed_clock(+180):  # past the 120 s lease, by this promoter's clock
+            with pytest.raises(_lock.LockTimeout, match="held by first@host"):
+                _lock.acquire(client, model_name, "ahead@host", wait_seconds=3)
     finally:
-        monkeypatch.undo()
         held.release()
 
 
 def test_a_lock_taken_on_a_host_five_minutes_slow_is_still_held_for_its_lease(
-    tracking_uri, register_versions, model_name, monkeypatch
+    tracking_uri, register_versions, model_name
 ):
     register_versions(model_name)
     client = MlflowClient()
-    skew_clock(monkeypatch, -300)  # its lease would read as long expired if it set the time
-    held = _lock.acquire(client, model_name, "slow@host")
-    monkeypatch.undo()
+    with skewed_clock(-300):  # its lease would read as long expired if it set the time
+        held = _lock.acquire(client, model_name, "slow@host")
     try:
         assert "slow@host" in registry.status(model_name).lock
         with pytest.raises(_lock.LockTimeout, match="held by slow@host"):
@@ -59,15 +65,14 @@ def test_a_lock_taken_on_a_host_five_minutes_slow_is_still_held_for_its_lease(
 
 
 def test_rollback_on_a_host_five_minutes_slow_goes_back_to_the_version_before(
-    tracking_uri, register_versions, wine_models, model_name, monkeypatch
+    tracking_uri, register_versions, wine_models, model_name
 ):
     v1, v2 = register_versions(model_name)
     v3 = mlflow.register_model(wine_models[1], model_name).version  # a copy of v2's model
     for version, skew in ((v1, 0), (v2, -300), (v3, 0)):
-        skew_clock(monkeypatch, skew)
-        registry.promote(model_name, version, "Staging", "candidate")
-        registry.promote(model_name, version, "Production", "ship it")
-        monkeypatch.undo()
+        with skewed_clock(skew):
+            registry.promote(model_name, version, "Staging", "candidate")
+            registry.promote(model_name, version, "Production", "ship it")
 
     # v2's entries started "before" v1's by their clocks; the ledger's numbers say otherwise.
     history = registry.history(model_name)
