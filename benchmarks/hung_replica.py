@@ -101,6 +101,13 @@ class Load:
 
 def measure_hang(serve: BackgroundServe, load: Load, warmup: float, after: float) -> dict:
     controller = serve.controller
+    # A version's replicas after the first start once it proved itself: hang one of a
+    # version whose replicas all serve.
+    processes.wait_until(
+        lambda: all(r.ready for r in controller._active.replicas),
+        timeout=180,
+        what="every replica proved",
+    )
     time.sleep(warmup)
     hung = controller._active.replicas[0]
     stopped = hung.pid

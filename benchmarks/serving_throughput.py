@@ -173,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                 if args.skip_throughput
                 else measure(urls, bodies, connections, args.seconds, home, targets, args.rounds)
             )
+            # The switch is one serve's: the second (log off) would start every version
+            # too, and its cold replicas would compete with the measured serve's for the CPU.
+            if unlogged is not None:
+                unlogged.stop()
+                unlogged = None
+            for proc in started:
+                processes.stop_group(proc.pid)
+            started.clear()
             switch = (
                 {}
                 if args.skip_switch

@@ -36,6 +36,7 @@ from serving._planner import (
     RestartReplica,
     RetryReplicaLater,
     Start,
+    StartSibling,
     Stop,
     Switch,
     SwitchPolicy,
@@ -107,6 +108,18 @@ class Effects:
                     self.supervisor.restart(
                         slot, slot.replicas[action.replica], action.exited, slot is self.active
                     )
+            case StartSibling():
+                slot = self.slots[action.slot]
+                if slot.version is not None:
+                    replica = slot.replicas[action.replica]
+                    logger.info(
+                        "version %s proved itself; starting its replica on %s",
+                        slot.version,
+                        replica.address,
+                    )
+                    self.supervisor.restart(
+                        slot, replica, exited=False, serving=slot is self.active
+                    )
             case ReplaceReplica():
                 slot = self.slots[action.slot]
                 if slot.version is not None:
@@ -151,7 +164,12 @@ class Effects:
     # -- starting and giving up ------------------------------------------------------
 
     def _start(self, action: Start) -> None:
-        """Start every replica of the version on its slot; the polls that follow prove them."""
+        """Start the version's first replica on its slot; the polls that follow prove it.
+
+        Its siblings start once it has proved itself (the planner's ``StartSibling``):
+        started together, each start shares the cores with the others and with the
+        version serving, and the first answer of a cold version came twice as late.
+        """
         slot, version, role = self.slots[action.slot], action.version, action.role
         if not slot.is_free():
             logger.debug("skipped %s: the slot is taken", action)
@@ -186,8 +204,7 @@ class Effects:
         try:
             slot.model_dir = self.local_copy(version)
             slot.example = _model_server.serving_example(slot.model_dir)
-            for replica in slot.replicas:
-                self.supervisor.start(slot, replica)
+            self.supervisor.start(slot, slot.replicas[0])
         except Exception as exc:  # noqa: BLE001 - e.g. the registry could not give the model: the plan retries
             slot.failure = f"{type(exc).__name__}: {exc}"
             return

@@ -13,7 +13,9 @@ The rules, in the order :func:`plan` applies them on each poll:
 
 1. **Replicas** (even while the registry is away): a starting version whose
    replica failed its proof is given up (stopped, never routed) and retried
-   after ``SwitchPolicy.retry_after``; in a proved version, a replica that died
+   after ``SwitchPolicy.retry_after``; a version's first replica starts alone (on
+   two busy cores, starting them all at once doubled the time to the first answer)
+   and its siblings start once it proved itself; in a proved version, a replica that died
    is restarted, one that runs but has not answered a liveness ping for
    ``SwitchPolicy.replace_after`` (hung) is killed and replaced, and one whose
    restart failed its proof is stopped and restarted again after ``retry_after``.
@@ -79,8 +81,8 @@ class ReplicaState:
     """One replica as observed.
 
     Attributes:
-        running: it has a process (alive or exited); False when stopped, or
-            waiting out a failed restart.
+        running: it has a process (alive or exited); False when stopped, waiting
+            out a failed restart, or not started yet (a sibling of the first replica).
         alive: its process runs.
         ready: it proved itself (``/ping`` and the input example) since it last started.
         failure: why its proof failed on this poll, if it did.
@@ -195,6 +197,14 @@ class RestartReplica:
 
 
 @dataclass(frozen=True)
+class StartSibling:
+    """The version's first replica proved itself: start ``replica``, which has not started yet."""
+
+    slot: int
+    replica: int
+
+
+@dataclass(frozen=True)
 class ReplaceReplica:
     """A proved replica runs but stopped answering: kill its process group, start a fresh one."""
 
@@ -224,7 +234,8 @@ class Stop:
 
 @dataclass(frozen=True)
 class Start:
-    """Start every replica of ``version`` on a free slot, as ``role``; later polls prove them."""
+    """Start ``version``'s first replica on a free slot, as ``role``; later polls prove it,
+    and its siblings start once it has (:class:`StartSibling`)."""
 
     slot: int
     version: str
@@ -264,6 +275,7 @@ class ForgetWarm:
 
 Action = (
     GiveUp
+    | StartSibling
     | RestartReplica
     | ReplaceReplica
     | RetryReplicaLater
@@ -328,7 +340,8 @@ class _Planner:
     # -- rule 1: replicas -----------------------------------------------------------
 
     def _tend_replicas(self) -> None:
-        """Give up failed starts, restart dead replicas, replace hung ones, back off restarts."""
+        """Give up failed starts, start the siblings of a proved first replica, restart dead
+        replicas, replace hung ones, back off restarts."""
         for i, slot in list(self.live.items()):
             if not slot.proved:
                 if slot.failure is not None:
@@ -346,6 +359,9 @@ class _Planner:
                     continue
                 if replica.ready:  # it had proved itself, and died since
                     self._do(RestartReplica(i, j, exited=True))
+                    replicas[j] = ReplicaState(ready=False)
+                elif not replica.running and not replica.retry_at:  # not started yet
+                    self._do(StartSibling(i, j))
                     replicas[j] = ReplicaState(ready=False)
                 elif not replica.running:  # its last restart failed: again when due
                     if self.now >= replica.retry_at:

@@ -142,7 +142,7 @@ class Supervisor:
                         slot.version,
                         replica.address,
                         time.monotonic() - replica.started_at,
-                        "; it takes requests again" if slot.routed else "",
+                        "; the front door routes requests to it" if slot.routed else "",
                     )
             if slot.failure is None and any(replica.ready for replica in slot.replicas):
                 slot.proved = True

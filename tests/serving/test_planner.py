@@ -24,6 +24,7 @@ from serving._planner import (
     RetryReplicaLater,
     SlotState,
     Start,
+    StartSibling,
     State,
     Stop,
     Switch,
@@ -189,6 +190,23 @@ def test_the_first_production_version_starts_on_the_lowest_free_slot():
 def test_a_cold_version_is_not_switched_to_while_no_replica_has_proved_itself():
     starting = live("2", proved=False, replicas=(STARTING, STARTING))
     assert actions([live("1", routed=True), starting], production="2", serving=0) == ()
+
+
+NOT_STARTED = ReplicaState(running=False, alive=False, ready=False)
+
+
+def test_a_version_s_siblings_wait_while_its_first_replica_starts_alone():
+    starting = live("2", proved=False, replicas=(STARTING, NOT_STARTED))
+    assert actions([live("1", routed=True), starting], production="2", serving=0) == ()
+
+
+def test_a_version_s_siblings_start_once_its_first_replica_proved_itself():
+    first_proved = live("2", replicas=(READY, NOT_STARTED, NOT_STARTED))
+    assert actions([live("1", routed=True), first_proved], production="2", serving=0) == (
+        StartSibling(1, 1),
+        StartSibling(1, 2),
+        Switch(1, "2"),
+    )
 
 
 def test_a_cold_version_is_switched_to_once_one_replica_proved_itself():

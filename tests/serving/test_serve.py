@@ -260,6 +260,10 @@ def test_replicas_share_the_load_and_a_killed_one_drops_nothing_and_is_restarted
     assert running.wait_serving(timeout=START_TIMEOUT_S) == version
     controller: Controller = running.controller
     first, second = controller._active.replicas
+    # The second starts once the first has proved itself.
+    processes.wait_until(
+        lambda: first.ready and second.ready, timeout=START_TIMEOUT_S, what="both replicas proved"
+    )
     assert first.pid != second.pid
     assert first.address != second.address
     proved = {replica.address: answered(replica) for replica in (first, second)}
