@@ -209,10 +209,9 @@ def stop(slot: Slot) -> None:
 
 def _end_group(proc: subprocess.Popen) -> None:
     # spawn() makes each server the leader of its own process group: group id == pid.
-    if proc.poll() is None:
-        processes.stop_group(proc.pid)
-    else:
-        # The leader is gone; a child it left (uvicorn) would still hold the port.
-        # Linux does not reuse the pid while that group still has members.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    # The leader (the `mlflow` CLI) often exits on SIGTERM before uvicorn, its child,
+    # has written and uploaded its inference log: the group gets its grace all the
+    # same (killing it at once lost the last rows of every stopped replica).
+    processes.stop_group(proc.pid)
+    with contextlib.suppress(ChildProcessError):
+        proc.poll()

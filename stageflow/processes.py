@@ -95,10 +95,18 @@ def spawn(
 
 
 def stop_group(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL what is left after ``timeout``."""
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left after ``timeout``.
+
+    ``pid`` leads its own group (:func:`spawn` starts each child in a new session),
+    so the group's id is ``pid`` even once the leader has exited and been reaped:
+    the members it leaves (``mlflow models serve``'s uvicorn, which writes its
+    inference log on the way out) still get their ``timeout`` to finish. Linux
+    does not reuse a pid while a group of that id has members.
+    """
+    pgid = pid
+    if not group_alive(pgid):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)

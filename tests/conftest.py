@@ -139,19 +139,28 @@ def postgres_database():
 # rest in collection order: `make test` hands tests to its workers in this order
 # (`--dist loadgroup --no-loadscope-reorder`), so the long ones start at once and the
 # short ones fill in around them instead of one long test ending the run alone.
-SLOWEST_FIRST = (
-    "tests/monitoring/test_closed_loop.py",
-    "tests/test_demo.py",
-    "tests/test_lifecycle.py",
-    "tests/serving/test_serve.py",
-    "tests/serving/test_shadow.py",
-    "tests/serving/test_verified_copy.py",
-    "tests/serving/test_hung_replica.py",
+SLOWEST_FIRST = (  # by the durations of a quiet `make test` (2026-12-02)
     "tests/test_mlproject.py",
-    "tests/test_ui.py",
-    "tests/serving/test_guarded.py",
-    "tests/experiments/test_tune.py",
+    "tests/test_lifecycle.py",
+    "tests/test_demo.py",
+    "tests/monitoring/test_closed_loop.py",
     "tests/registry/test_consistency.py",
+    "tests/serving/test_spark.py",
+    "tests/stageflow/test_cli.py",
+    "tests/serving/test_verified_copy.py",
+    "tests/serving/test_serve.py",
+    "tests/serving/test_hung_replica.py",
+    "tests/stageflow/test_server_security.py",
+    "tests/serving/test_alias_outside.py",
+    "tests/serving/test_auto_rollback.py",
+    "tests/experiments/test_tune.py",
+    "tests/serving/test_shadow.py",
+    "tests/serving/test_inference_log.py",
+    "tests/test_dags.py",
+    "tests/stageflow/test_server_tls.py",
+    "tests/serving/test_guarded.py",
+    "tests/serving/test_dates_and_ids.py",
+    "tests/test_ui.py",
     "tests/registry/test_gates.py",
 )
 
@@ -159,3 +168,20 @@ SLOWEST_FIRST = (
 def pytest_collection_modifyitems(config, items):
     rank = {path: position for position, path in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
+def pytest_collection_finish(session):
+    """On an xdist worker under ``--dist loadgroup``: every ``xdist_group`` test carries its
+    group in its node id, or the groups' shared servers would silently be built twice."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+    ]
+    if lost:
+        raise pytest.UsageError(
+            f"--dist loadgroup lost the xdist_group of {len(lost)} test(s), e.g. {lost[0]}: this "
+            "pytest and pytest-xdist do not group together (pytest-dev/pytest-xdist#1386)"
+        )

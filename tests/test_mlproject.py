@@ -123,6 +123,7 @@ def trained(tracking_server, quoted):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlproject-quoted")  # `trained` is built once, on one worker
 def test_mlflow_run_train_with_values_needing_quotes_logs_them_once(tracking_uri, quoted, trained):
     client = MlflowClient(tracking_uri)
     run = client.get_run(client.get_model_version(trained, "1").run_id)
@@ -137,6 +138,7 @@ def test_mlflow_run_train_with_values_needing_quotes_logs_them_once(tracking_uri
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlproject-quoted")  # `trained` is built once, on one worker
 def test_mlflow_run_tune_with_values_needing_quotes_logs_the_study(tracking_uri, quoted, trained):
     client = MlflowClient(tracking_uri)
     parent = client.get_run(client.get_model_version(trained, "2").run_id)
@@ -149,6 +151,7 @@ def test_mlflow_run_tune_with_values_needing_quotes_logs_the_study(tracking_uri,
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlproject-quoted")  # `trained` is built once, on one worker
 def test_mlflow_run_promote_score_rollback_and_serve_take_quoted_values(
     tracking_uri, quoted, trained, tmp_path
 ):

@@ -19,8 +19,12 @@ import requests
 from experiments.train import train
 from registry._stages import PRODUCTION, move
 from serving.batch import score
+from serving.controller import BackgroundServe
+from stageflow import processes
 
 pytestmark = pytest.mark.slow
+# The module's model and server are built once, so its tests run on one worker.
+SHARED = pytest.mark.xdist_group("orders-model")
 
 SERVE_TIMEOUT_S = 90.0
 TRAIN_DAYS = 500
@@ -53,13 +57,27 @@ def orders_model(tracking_server, tmp_path_factory):
     return name, result
 
 
-@pytest.fixture
-def served(orders_model, start_serving):
+@pytest.fixture(scope="module")
+def served(orders_model, tracking_server, tmp_path_factory):
+    """``serve`` of the orders model's version, in Production; stopped after the module.
+
+    Shared (its tests only send requests, on one worker: ``SHARED``); one replica.
+    """
     name, result = orders_model
-    move(mlflow.MlflowClient(), name, result.version, PRODUCTION)
-    running = start_serving(name, replicas=1)
-    assert running.wait_serving(timeout=SERVE_TIMEOUT_S) == result.version
-    return running
+    move(mlflow.MlflowClient(tracking_server.uri), name, result.version, PRODUCTION)
+    running = BackgroundServe(
+        name,
+        processes.free_port(),
+        tracking_uri=tracking_server.uri,
+        home=tmp_path_factory.mktemp("served-orders"),
+        poll_interval=0.5,
+        replicas=1,
+    ).start()
+    try:
+        assert running.wait_serving(timeout=SERVE_TIMEOUT_S) == result.version
+        yield running
+    finally:
+        running.stop()
 
 
 def split_body(frame: pd.DataFrame) -> bytes:
@@ -68,6 +86,7 @@ def split_body(frame: pd.DataFrame) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
 
 
+@SHARED
 def test_the_data_check_is_logged_with_the_run_and_returned(tracking_uri, orders_model):
     name, result = orders_model
     assert result.data_check["dates"] == {"date": "%Y/%m/%d"}
@@ -85,6 +104,7 @@ def test_the_data_check_is_logged_with_the_run_and_returned(tracking_uri, orders
     assert contract["ignored_columns"] == ["order_id", "shop"]
 
 
+@SHARED
 def test_rest_predicts_dates_after_the_training_period_and_ignores_the_id(served):
     later = orders(28, "2014-06-02", seed=1)  # a year after training ended; new order ids
     answer = requests.post(
@@ -100,6 +120,7 @@ def test_rest_predicts_dates_after_the_training_period_and_ignores_the_id(served
     assert np.mean(np.array(predictions) == later["large"].to_numpy()) >= 0.85
 
 
+@SHARED
 def test_rest_refuses_a_date_that_is_not_one_as_wrong_type(served):
     rows = orders(2, "2014-06-02", seed=2).drop(columns=["large"])
     rows.loc[1, "date"] = "SECRET-next tuesday"
@@ -115,6 +136,7 @@ def test_rest_refuses_a_date_that_is_not_one_as_wrong_type(served):
     assert "SECRET" not in answer.text
 
 
+@SHARED
 def test_batch_scoring_predicts_later_dates_and_keeps_the_id(tracking_uri, orders_model, tmp_path):
     name, result = orders_model
     move(mlflow.MlflowClient(), name, result.version, PRODUCTION)

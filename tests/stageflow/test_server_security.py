@@ -3,16 +3,32 @@
 import json
 import os
 import stat
+import subprocess
 
 import pytest
 import requests
 
 from stageflow import processes, server, tracking
+from stageflow.cli import main
 from stageflow.errors import StageflowError, UsageError
 from tests.helpers import stageflow_cli
 
 ADMIN_PASSWORD = "a-long-admin-password"
 PROBE = tracking.API_PROBE
+
+
+def in_process(capsys, *args: str, env: dict) -> subprocess.CompletedProcess:
+    """``stageflow ARGS`` run by ``stageflow.cli.main`` here, with ``env``'s variables set
+    (None: unset) for the call only; its exit code and output as a subprocess's would be."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            if value is None:
+                patch.delenv(key, raising=False)
+            else:
+                patch.setenv(key, value)
+        code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
 
 
 def test_a_public_bind_without_auth_is_refused_before_anything_starts(tmp_path):
@@ -46,8 +62,11 @@ def test_a_loopback_host_needs_no_auth_and_a_host_name_is_not_loopback():
 
 @pytest.mark.slow
 def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_with_them(
-    tmp_path, monkeypatch, untimed_policy
+    tmp_path, monkeypatch, untimed_policy, capsys
 ):
+    def stageflow(*args, env):
+        return in_process(capsys, *args, env=env)
+
     monkeypatch.setenv(server.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
     info = server.start(port=processes.free_port(), home=tmp_path, auth=True, tie_to_parent=True)
     try:
@@ -63,10 +82,14 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
             if path.is_file() and path.suffix in (".json", ".ini", ".log", ".key"):
                 assert ADMIN_PASSWORD not in path.read_text(errors="replace"), path
 
-        base = os.environ | {"MLFLOW_TRACKING_URI": info.uri}
-        base.pop("MLFLOW_TRACKING_USERNAME", None)
-        base.pop("MLFLOW_TRACKING_PASSWORD", None)
-        refused = stageflow_cli("status", "--model", "anything", env=base)
+        # The commands run in this interpreter, each with its user's variables (the
+        # server and its auth are the real ones; the command line is test_cli.py's).
+        base = {
+            "MLFLOW_TRACKING_URI": info.uri,
+            "MLFLOW_TRACKING_USERNAME": None,
+            "MLFLOW_TRACKING_PASSWORD": None,
+        }
+        refused = stageflow("status", "--model", "anything", env=base)
         assert refused.returncode == 1
         assert "MLFLOW_TRACKING_USERNAME" in refused.stderr
         assert "Traceback" not in refused.stderr
@@ -75,7 +98,7 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
             "MLFLOW_TRACKING_USERNAME": "admin",
             "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
         }
-        trained = stageflow_cli(
+        trained = stageflow(
             "train", "--data", "builtin:wine", "--target", "target", "--family", "lr",
             "--model-name", "team-wine", "--json", env=creds,
         )  # fmt: skip
@@ -86,12 +109,12 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
             ("policy", "set", "--model", "team-wine", "--file", str(untimed_policy)),
             ("status", "--model", "team-wine", "--json"),
         ):
-            answer = stageflow_cli(*command, env=creds)
+            answer = stageflow(*command, env=creds)
             assert answer.returncode == 0, (command, answer.stderr)
 
         # Roles: two promoters take turns through the registry lock; a reader reads only.
         def user(name, role):
-            made = stageflow_cli(
+            made = stageflow(
                 "server", "user", "add", name, "--role", role, "--model", "team-wine",
                 env=creds | {"STAGEFLOW_USER_PASSWORD": f"{name}-password-long"},
             )  # fmt: skip
@@ -106,25 +129,25 @@ def test_with_auth_a_call_without_credentials_is_answered_401_and_commands_work_
             user("bob", "promoter"),
             user("carol", "reader"),
         )
-        staged = stageflow_cli(
+        staged = stageflow(
             "promote", "--model", "team-wine", "--version", "1", "--to", "Staging", env=alice
         )
         assert staged.returncode == 0, staged.stderr
-        refused = stageflow_cli(
+        refused = stageflow(
             "promote", "--model", "team-wine", "--version", "1", "--to", "Production", env=carol
         )
         assert refused.returncode == 1
         assert "server user add" in refused.stderr  # names the fix, whichever call said no
         assert len(refused.stderr.strip().splitlines()) == 1
-        promoted = stageflow_cli(
+        promoted = stageflow(
             "promote", "--model", "team-wine", "--version", "1", "--to", "Production", env=bob
         )
         assert promoted.returncode == 0, promoted.stderr
-        seen = stageflow_cli("status", "--model", "team-wine", "--json", env=carol)
+        seen = stageflow("status", "--model", "team-wine", "--json", env=carol)
         assert seen.returncode == 0, seen.stderr
         assert json.loads(seen.stdout)["production"] == "1"
         assert json.loads(seen.stdout)["problems"] == []
-        history = stageflow_cli("history", "--model", "team-wine", "--json", env=carol)
+        history = stageflow("history", "--model", "team-wine", "--json", env=carol)
         assert [e["to_stage"] for e in json.loads(history.stdout)["entries"]] == [
             "Staging",
             "Production",
