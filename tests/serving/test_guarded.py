@@ -425,8 +425,17 @@ def test_a_request_over_the_row_cap_is_refused_413_in_every_format(served):
     assert len(answer.json()["predictions"]) == MAX_ROWS
 
 
-@pytest.mark.xdist_group("served-korean")  # one shared server, one worker
-def test_a_replica_at_its_concurrency_bound_answers_503_with_retry_after(served):
+@pytest.mark.xdist_group("served-korean")  # its model, on the group's worker
+def test_a_replica_at_its_concurrency_bound_answers_503_with_retry_after(
+    korean_model, start_serving
+):
+    # A server of its own: this test fills every place of the replica. On the shared
+    # one it failed in full `make test` runs only (the held requests never made a 200
+    # into a 503 within a minute), and passed alone and under CPU load; not explained.
+    name, version = korean_model
+    move(mlflow.MlflowClient(), name, version, PRODUCTION)
+    served = start_serving(name, replicas=1)
+    assert served.wait_serving(timeout=SERVE_TIMEOUT_S) == version
     (replica,) = [r for slot in served.controller.slots if slot.routed for r in slot.replicas]
     one_row = split_body(korean_features(1)).encode()
     head = (
