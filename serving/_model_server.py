@@ -213,5 +213,4 @@ def _end_group(proc: subprocess.Popen) -> None:
     # has written and uploaded its inference log: the group gets its grace all the
     # same (killing it at once lost the last rows of every stopped replica).
     processes.stop_group(proc.pid)
-    with contextlib.suppress(ChildProcessError):
-        proc.poll()
+    proc.poll()

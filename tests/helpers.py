@@ -1,11 +1,17 @@
 """Small helpers shared by test modules."""
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import mlflow
 import psutil
 from mlflow import MlflowClient
+
+if TYPE_CHECKING:
+    from serving.controller import BackgroundServe
 
 # The policy every test promotes under unless promotion speed is its subject: the
 # default latency budget (100 ms per row, p95) is a stopwatch, and on a busy machine
@@ -74,3 +80,33 @@ def stageflow_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.Com
         env=env,
         timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def serving_in_production(
+    name: str, version: str, tracking_uri: str, home, timeout: float
+) -> Iterator["BackgroundServe"]:
+    """``version`` of ``name`` moved to Production and served (one replica) until the block ends.
+
+    For module-scoped fixtures whose tests only send requests: one cold start for all of
+    them (the tests share it on one worker through an ``xdist_group``).
+    """
+    from registry._stages import PRODUCTION, move
+    from serving.controller import BackgroundServe
+    from stageflow import processes
+
+    move(MlflowClient(tracking_uri), name, version, PRODUCTION)
+    # Replicas are tests/serving/test_serve.py's subject; one starts faster.
+    running = BackgroundServe(
+        name,
+        processes.free_port(),
+        tracking_uri=tracking_uri,
+        home=home,
+        poll_interval=0.5,
+        replicas=1,
+    ).start()
+    try:
+        assert running.wait_serving(timeout=timeout) == version
+        yield running
+    finally:
+        running.stop()

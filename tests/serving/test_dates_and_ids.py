@@ -19,8 +19,7 @@ import requests
 from experiments.train import train
 from registry._stages import PRODUCTION, move
 from serving.batch import score
-from serving.controller import BackgroundServe
-from stageflow import processes
+from tests.helpers import serving_in_production
 
 pytestmark = pytest.mark.slow
 # The module's model and server are built once, so its tests run on one worker.
@@ -64,20 +63,11 @@ def served(orders_model, tracking_server, tmp_path_factory):
     Shared (its tests only send requests, on one worker: ``SHARED``); one replica.
     """
     name, result = orders_model
-    move(mlflow.MlflowClient(tracking_server.uri), name, result.version, PRODUCTION)
-    running = BackgroundServe(
-        name,
-        processes.free_port(),
-        tracking_uri=tracking_server.uri,
-        home=tmp_path_factory.mktemp("served-orders"),
-        poll_interval=0.5,
-        replicas=1,
-    ).start()
-    try:
-        assert running.wait_serving(timeout=SERVE_TIMEOUT_S) == result.version
+    home = tmp_path_factory.mktemp("served-orders")
+    with serving_in_production(
+        name, result.version, tracking_server.uri, home, SERVE_TIMEOUT_S
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def split_body(frame: pd.DataFrame) -> bytes:

@@ -25,10 +25,9 @@ from experiments.train import train
 from registry._stages import PRODUCTION, move
 from serving._admission import MAX_CONCURRENCY, MAX_ROWS
 from serving.batch import score
-from serving.controller import BackgroundServe
 from serving.frontdoor import FrontDoorLimits
-from stageflow import processes
 from stageflow.errors import UsageError
+from tests.helpers import serving_in_production
 
 pytestmark = pytest.mark.slow
 
@@ -189,21 +188,11 @@ def served(korean_model, tracking_server, tmp_path_factory):
     Shared: the tests that use it only send requests (a cold start is ~15 s or more).
     """
     name, version = korean_model
-    move(mlflow.MlflowClient(tracking_server.uri), name, version, PRODUCTION)
-    # Replicas are test_serve's subject; one starts faster.
-    running = BackgroundServe(
-        name,
-        processes.free_port(),
-        tracking_uri=tracking_server.uri,
-        home=tmp_path_factory.mktemp("served-korean"),
-        poll_interval=0.5,
-        replicas=1,
-    ).start()
-    try:
-        assert running.wait_serving(timeout=SERVE_TIMEOUT_S) == version
+    home = tmp_path_factory.mktemp("served-korean")
+    with serving_in_production(
+        name, version, tracking_server.uri, home, SERVE_TIMEOUT_S
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def split_body(frame: pd.DataFrame) -> str:
