@@ -23,7 +23,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.environment_variables import MLFLOW_RUN_ID
-from scipy import stats
 
 from registry import ledger
 from registry.policy import ComparisonPolicy
@@ -248,6 +247,9 @@ def paired_bootstrap(
     point = float(improvement(challenger, champion))
     if len(challenger) < 2:  # nothing to resample: the interval is the point
         return point, point, point
+    # Imported here: scipy.stats costs ~1 s, and every registry command imports this module.
+    from scipy import stats  # noqa: PLC0415
+
     result = stats.bootstrap(
         (challenger, champion),
         improvement,
