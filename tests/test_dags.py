@@ -16,10 +16,10 @@ import mlflow
 import pytest
 
 from experiments import data
-from experiments.train import train
 from registry import PRODUCTION, STAGING, current_version, promote
 
-pytestmark = pytest.mark.slow
+# One worker runs the module, so `airflow db migrate` (airflow_home) runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("airflow")]
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO / "dags" / "stageflow_jobs.py"
@@ -66,11 +66,13 @@ def dags_test(home: Path, dag_id: str, conf: dict) -> subprocess.CompletedProces
 
 
 @pytest.fixture
-def production(tracking_uri, model_name):
-    trained = train("builtin:wine", "target", model_name, family="lr")
-    promote(model_name, trained.version, STAGING, "first")
-    promote(model_name, trained.version, PRODUCTION, "first")
-    return trained.version
+def production(register_versions, model_name):
+    """The session's wine lr (trained by ``train``, so it has a recipe) in Production,
+    under the untimed policy that every retrained candidate of the model also meets."""
+    version, _ = register_versions(model_name)
+    promote(model_name, version, STAGING, "first")
+    promote(model_name, version, PRODUCTION, "first")
+    return version
 
 
 def test_the_daily_dag_scores_the_input_with_the_production_version(
