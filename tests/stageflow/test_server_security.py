@@ -3,32 +3,16 @@
 import json
 import os
 import stat
-import subprocess
 
 import pytest
 import requests
 
 from stageflow import processes, server, tracking
-from stageflow.cli import main
 from stageflow.errors import StageflowError, UsageError
-from tests.helpers import stageflow_cli
+from tests.helpers import in_process, stageflow_cli
 
 ADMIN_PASSWORD = "a-long-admin-password"
 PROBE = tracking.API_PROBE
-
-
-def in_process(capsys, *args: str, env: dict) -> subprocess.CompletedProcess:
-    """``stageflow ARGS`` run by ``stageflow.cli.main`` here, with ``env``'s variables set
-    (None: unset) for the call only; its exit code and output as a subprocess's would be."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            if value is None:
-                patch.delenv(key, raising=False)
-            else:
-                patch.setenv(key, value)
-        code = main(list(args))
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
 
 
 def test_a_public_bind_without_auth_is_refused_before_anything_starts(tmp_path):
