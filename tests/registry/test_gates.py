@@ -1,8 +1,6 @@
 """Gates on real trained versions: thresholds, schema, latency, champion vs challenger, reports."""
 
 import json
-import subprocess
-import sys
 import uuid
 
 import mlflow
@@ -13,9 +11,8 @@ from mlflow import MlflowClient
 import registry
 from registry import _compare, ledger
 from registry.policy import parse
-from stageflow import processes
 from stageflow.errors import UsageError
-from tests.helpers import UNTIMED_LATENCY_YAML
+from tests.helpers import UNTIMED_LATENCY_YAML, in_process
 
 # --- policies and the bootstrap: no server --------------------------------------------
 
@@ -225,16 +222,10 @@ def test_a_dry_run_runs_the_gates_and_changes_nothing(wine, tmp_path):
 
 @pytest.mark.slow
 def test_the_cli_prints_the_failed_check_with_its_numbers_and_stores_policies(
-    wine, tracking_uri, tmp_path
+    wine, tracking_uri, tmp_path, capsys
 ):
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "stageflow", *args],
-            capture_output=True,
-            text=True,
-            env=processes.venv_env({"MLFLOW_TRACKING_URI": tracking_uri}),
-            timeout=120,
-        )
+    def cli(*args):  # main() in this interpreter: the command's output is the subject
+        return in_process(capsys, *args, env={"MLFLOW_TRACKING_URI": tracking_uri})
 
     bad = write_policy(tmp_path, "latency:\n  p99: 3\n")
     refused = cli("policy", "set", "--model", wine, "--file", bad)

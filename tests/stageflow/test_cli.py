@@ -1,4 +1,10 @@
-"""The command line as users meet it: exit codes, one-line errors, --json on stdout."""
+"""The command line as users meet it: exit codes, one-line errors, --json on stdout.
+
+The tests of usage, --help and an unreachable server run ``python -m stageflow`` itself;
+those against a real server run the same ``stageflow.cli.main`` in this interpreter
+(``tests.helpers.in_process``): their subject is each command's behaviour, not the start
+of a process, which costs ~3 s of importing MLflow per call.
+"""
 
 import json
 import subprocess
@@ -10,6 +16,7 @@ import pytest
 
 from stageflow import processes
 from stageflow.cli.status import version_line
+from tests.helpers import in_process
 
 
 def stageflow(*args, env=None, timeout=120):
@@ -23,6 +30,8 @@ def stageflow(*args, env=None, timeout=120):
 
 
 def assert_one_line_error(result, code: int, *fragments: str):
+    # In-process too, a traceback is never swallowed: an exception main() lets out fails
+    # the test where it is raised, and a logged one reaches the captured stderr.
     assert result.returncode == code, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("stageflow")]
@@ -103,11 +112,12 @@ def test_status_indents_a_descriptions_later_lines_under_its_version():
 @pytest.mark.slow
 class TestAgainstARealServer:
     @pytest.fixture(autouse=True)
-    def _server(self, tracking_uri):
+    def _server(self, tracking_uri, capsys):
         self.env = {"MLFLOW_TRACKING_URI": tracking_uri}
+        self.capsys = capsys
 
     def run(self, *args):
-        return stageflow(*args, env=self.env)
+        return in_process(self.capsys, *args, env=self.env)
 
     def test_train_errors_are_usage_errors(self, tmp_path):
         assert_one_line_error(
@@ -282,3 +292,42 @@ class TestAgainstARealServer:
             1,
             "has no Production version",
         )
+
+
+@pytest.mark.slow
+def test_a_command_run_in_process_leaves_this_interpreter_as_it_found_it(
+    tracking_uri, model_name, capsys
+):
+    """What ``in_process`` promises the tests above: a call's changes end with it, as a
+    process's would (MLflow's URIs and experiment, the variables MLflow exports for them,
+    logging, warning filters)."""
+    import logging
+    import os
+    import warnings
+
+    import mlflow
+    from mlflow.tracking import fluent
+
+    def state():
+        loggers = logging.Logger.manager.loggerDict.items()
+        return (
+            dict(os.environ),
+            mlflow.get_tracking_uri(),
+            mlflow.get_registry_uri(),
+            fluent._active_experiment_id,
+            list(logging.getLogger().handlers),
+            # Set levels: the loggers of modules first imported in the call are unset.
+            {n: lg.level for n, lg in loggers if isinstance(lg, logging.Logger) and lg.level},
+            list(warnings.filters),
+        )
+
+    before = state()
+    # Another spelling of the same server, so that MLflow's URI visibly changes in the call.
+    env = {"MLFLOW_TRACKING_URI": tracking_uri + "/"}
+    trained = in_process(
+        capsys, "train", "--data", "builtin:wine", "--target", "target", "--family", "lr",
+        "--model-name", model_name, "--json", env=env,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads(trained.stdout)["model_name"] == model_name
+    assert state() == before
