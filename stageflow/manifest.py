@@ -103,7 +103,7 @@ def record(client: MlflowClient, name: str, version: str, source: str = REGISTER
         The manifest recorded (``{path: sha256}``).
     """
     with tempfile.TemporaryDirectory(prefix="stageflow-manifest-") as tmp:
-        files = digest_tree(_download(name, version, Path(tmp)))
+        files = digest_tree(_download(client, name, version, Path(tmp)))
     _tag(client, name, version, files, source)
     return files
 
@@ -208,7 +208,7 @@ def local_copy(
     private_dir(place.parent)
     staged = Path(tempfile.mkdtemp(prefix=f".{place.name}.", dir=place.parent))
     try:
-        model = _download(name, version, staged / MODEL_DIR)
+        model = _download(client, name, version, staged / MODEL_DIR)
         if files is None:
             files = _seal_on_first_load(client, name, version, model, seal)
         verify(model, files, what)
@@ -232,7 +232,7 @@ def check_store(client: MlflowClient, name: str, version: str) -> str | None:
     if files is None:
         return None
     with tempfile.TemporaryDirectory(prefix="stageflow-check-") as tmp:
-        model = _download(name, version, Path(tmp))
+        model = _download(client, name, version, Path(tmp))
         try:
             verify(model, files, what)
         except TamperedVersion as exc:
@@ -288,12 +288,18 @@ def _cached_manifest(place: Path) -> dict | None:
         return None
 
 
-def _download(name: str, version: str, dst: Path) -> Path:
+def _download(client: MlflowClient, name: str, version: str, dst: Path) -> Path:
+    """``version``'s files from the registry ``client`` talks to (not the process's default)."""
     import mlflow  # noqa: PLC0415 - mlflow.artifacts pulls in the artifact repositories
 
     dst.mkdir(parents=True, exist_ok=True)
     return Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}",
+            dst_path=dst,
+            tracking_uri=client.tracking_uri,
+            registry_uri=client._registry_uri,  # noqa: SLF001 - no public name for it in MLflow
+        )
     )
 
 

@@ -67,6 +67,26 @@ def test_a_version_registered_by_train_carries_the_digest_of_every_file(trained,
 
 
 @pytest.mark.slow
+def test_the_manifest_is_read_from_the_client_s_registry_not_the_process_default(trained, tmp_path):
+    client, name, version = trained
+    expected = manifest.recorded(client, name, version)
+    # A process whose default registry is another store (a library user's own setting).
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+        patch.setenv("MLFLOW_REGISTRY_URI", elsewhere)
+        mlflow.set_tracking_uri(elsewhere)
+        mlflow.set_registry_uri(elsewhere)
+        try:
+            assert manifest.record(client, name, version) == expected
+            copy = manifest.local_copy(name, version, client, tmp_path / "home", fresh=True)
+        finally:
+            mlflow.set_tracking_uri(client.tracking_uri)
+            mlflow.set_registry_uri(client.tracking_uri)
+    assert manifest.digest_tree(copy) == expected
+
+
+@pytest.mark.slow
 def test_the_gates_refuse_a_version_whose_code_file_was_overwritten_in_the_store(trained, tmp_path):
     client, name, version = trained
     marker = tmp_path / "injected"
