@@ -6,7 +6,10 @@ anything slow and named in one line when missing. The model runs with
 ``on_invalid: mark``: a row its data contract refuses gets a null prediction and
 the problem in ``guard_problem``; the job goes on.
 
-Spark starts bound to loopback (``SPARK_LOCAL_IP``, ``spark.driver.host``; on a
+In a process that already runs a SparkSession (a notebook's, a Spark job's), the
+job runs on that session's SparkContext, in a session of its own settings
+(``newSession``), and leaves it running. Otherwise Spark starts for the job and
+stops after it: bound to loopback (``SPARK_LOCAL_IP``, ``spark.driver.host``; on a
 cluster, ``STAGEFLOW_SPARK_DRIVER_HOST`` names the address executors reach), with
 its UI off, its log at ERROR and its scratch space in a temporary directory
 removed when it stops; its Python workers run this interpreter.
@@ -172,7 +175,6 @@ def score(
     """
     import mlflow  # noqa: PLC0415
 
-    master = master or DEFAULT_MASTER
     # The copy batch.score verified: the driver and the executors load the same files.
     uri = str(model_dir)
     pyfunc = mlflow.pyfunc.load_model(uri)
@@ -182,6 +184,7 @@ def score(
     spec = input_columns(pyfunc)
 
     with session(master) as spark:
+        master = spark.conf.get("spark.master")  # the caller's, when its session is used
         frame = _read(spark, input_path, spec, id_column)
         udf_config = {**config, "on_invalid": "mark"}
         scored = _apply(spark, frame, uri, udf_config, contract, spec, version)
@@ -349,12 +352,65 @@ def _explained(exc: Exception, path: Path) -> Exception:
 
 
 @contextmanager
-def session(master: str = DEFAULT_MASTER) -> Iterator:
-    """A SparkSession on loopback, quiet, with its scratch space removed when it stops.
+def session(master: str | None = None) -> Iterator:
+    """A SparkSession for one job: on the process's running Spark if there is one, else its own.
 
-    The JVM this starts is stopped with it, so a process that scores twice (a
-    test, a benchmark) leaves nothing running.
+    A SparkSession already running here (a notebook's, a Spark job's) is used and
+    left running: the job gets a ``newSession()`` of it (the same SparkContext, its
+    own SQL settings, so the caller's are untouched). ``master`` must then be unset
+    or that session's (a process runs one SparkContext).
+
+    Otherwise a session is started on ``master`` (default ``local[*]``), on loopback,
+    quiet, with its scratch space removed when it stops; it and the JVM it started are
+    stopped with it, so a process that scores twice (a test, a benchmark) leaves
+    nothing running.
+
+    Raises:
+        UsageError: ``master`` names another master than the running session's.
     """
+    running = _running_session()
+    if running is not None:
+        yield _beside(running, master)
+        return
+    with _own_session(master or DEFAULT_MASTER) as spark:
+        yield spark
+
+
+def _running_session():
+    """The SparkSession this process already runs, or None: this thread's active one, else
+    the process's default one, else one on a bare running SparkContext."""
+    from pyspark import SparkContext  # noqa: PLC0415
+    from pyspark.errors import PySparkRuntimeError  # noqa: PLC0415
+    from pyspark.sql import SparkSession  # noqa: PLC0415
+
+    # getActiveSession is per thread; a context started on another thread still holds the
+    # process's one JVM-side SparkContext, which a session of our own would take over.
+    context = SparkContext._active_spark_context  # noqa: SLF001 - no public "is one running"
+    if context is None:
+        return None
+    try:
+        return SparkSession.active()  # getActiveSession(), else the default session
+    except PySparkRuntimeError:
+        return SparkSession(context)
+
+
+def _beside(running, master: str | None):
+    """A new session on ``running``'s SparkContext with the settings this job relies on."""
+    used = running.conf.get("spark.master")
+    if master and master != used:
+        raise UsageError(
+            f"Spark master {master}: this process already runs a SparkSession on {used}, "
+            "and a process runs one; leave the master unset to score on that session"
+        )
+    spark = running.newSession()
+    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+    return spark
+
+
+@contextmanager
+def _own_session(master: str) -> Iterator:
+    """A SparkSession started for one job and stopped after it, with the JVM it started."""
     from pyspark import SparkContext  # noqa: PLC0415
     from pyspark.sql import SparkSession  # noqa: PLC0415
 

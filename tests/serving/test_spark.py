@@ -1,5 +1,9 @@
 """Batch scoring on Spark for real (``local[2]``): parity with local and REST, marked refusals,
-the batch run's records, directories of parts, and the engine's missing-dependency errors.
+the batch run's records, directories of parts, a caller's running session used and left
+running, and the engine's missing-dependency errors.
+
+The in-process tests score on one module-wide SparkSession (started as ``score`` starts its
+own), as a notebook would: one JVM for all of them. The CLI test starts Spark of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from monitoring import read_log
 from registry._stages import PRODUCTION, move
 from serving import _spark
 from serving.batch import BATCH_EXPERIMENT, input_digest, score
+from stageflow.errors import UsageError
 from stageflow.files import file_digest
 from tests.serving.test_guarded import SERVE_TIMEOUT_S, TARGET, korean_table, split_body
 
@@ -33,6 +38,10 @@ pytestmark = pytest.mark.slow
 needs_spark = pytest.mark.skipif(
     _spark.java_executable() is None, reason="Spark needs Java: no `java` on PATH, no JAVA_HOME"
 )
+# The tests of korean_model and the module's SparkSession: both built once, on one worker.
+SPARK_GROUP = pytest.mark.xdist_group("spark")
+# What a Stageflow-started session puts in the environment while it runs (serving/_spark.py).
+SESSION_ENV = ("SPARK_LOCAL_IP", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_CONF_DIR")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,6 +60,27 @@ def korean_model(tracking_server, tmp_path_factory):
     return name, result.version
 
 
+@pytest.fixture(scope="module")
+def spark():
+    """The module's SparkSession on ``local[2]``, started (loopback, quiet, this Python for its
+    workers) and stopped by the code ``score`` starts its own with; ``score`` runs on it.
+
+    On teardown the JVM it started must be gone: a session Stageflow starts, it stops.
+    """
+    from pyspark import SparkContext
+
+    with _spark.session(MASTER) as session:
+        jvm = SparkContext._gateway.proc
+        yield session
+    assert SparkContext._active_spark_context is None
+    assert jvm.poll() is not None, f"the JVM (pid {jvm.pid}) outlived its session"
+
+
+def outside_spark(env) -> dict:
+    """``env`` without what the module's SparkSession set in it: a CLI sets its own."""
+    return {k: v for k, v in env.items() if k not in SESSION_ENV}
+
+
 def customers(rows: int, seed: int) -> pd.DataFrame:
     frame = korean_table(rows, seed=seed).drop(columns=[TARGET])
     frame.insert(0, ID, [f"c{seed:02d}-{i:05d}" for i in range(rows)])
@@ -62,8 +92,9 @@ def by_id(frame: pd.DataFrame, ids) -> pd.DataFrame:
 
 
 @needs_spark
+@SPARK_GROUP
 def test_spark_local_and_rest_give_identical_predictions(
-    tracking_uri, korean_model, start_serving, tmp_path
+    tracking_uri, korean_model, spark, start_serving, tmp_path
 ):
     name, version = korean_model
     rows = customers(150, seed=11)
@@ -71,13 +102,14 @@ def test_spark_local_and_rest_give_identical_predictions(
     assert rows["지역"].isna().any()  # and in a categorical one
     source = tmp_path / "입력.csv"
     rows.to_csv(source, index=False)
+    # The server's cold start runs while both engines score; it answers once it serves.
     serving = start_serving(name, replicas=1)
-    assert serving.wait_serving(timeout=SERVE_TIMEOUT_S) == version
 
     local = score(name, source, tmp_path / "local.parquet", chunk_rows=40, id_column=ID)
     on_spark = score(
         name, source, tmp_path / "spark-out", engine="spark", spark_master=MASTER, id_column=ID
     )
+    assert serving.wait_serving(timeout=SERVE_TIMEOUT_S) == version
     answer = requests.post(
         serving.url + "/invocations",
         data=split_body(pd.read_csv(source).drop(columns=[ID])).encode(),
@@ -103,8 +135,9 @@ def test_spark_local_and_rest_give_identical_predictions(
 
 
 @needs_spark
+@SPARK_GROUP
 def test_refused_rows_are_marked_as_locally_and_the_batch_run_counts_them(
-    tracking_uri, korean_model, tmp_path
+    tracking_uri, korean_model, spark, tmp_path
 ):
     name, version = korean_model
     rows = customers(60, seed=12).astype({"소득": object})
@@ -164,6 +197,60 @@ def test_refused_rows_are_marked_as_locally_and_the_batch_run_counts_them(
 
 
 @needs_spark
+@SPARK_GROUP
+def test_a_running_spark_session_is_scored_on_and_left_running(
+    tracking_uri, korean_model, spark, tmp_path
+):
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+    name, version = korean_model
+    rows = customers(20, seed=13)
+    source = tmp_path / "in.csv"
+    rows.to_csv(source, index=False)
+    jvm = SparkContext._gateway.proc.pid
+    # The caller's own setting, which the job (it scores in UTC) must not change.
+    spark.conf.set("spark.sql.session.timeZone", "Asia/Seoul")
+    try:
+        # No master named: the caller's session's (local[2]), not a new local[*] one.
+        on_spark = score(name, source, tmp_path / "out", engine="spark", id_column=ID)
+
+        # Still the process's session, not the job's. (Not getActiveSession(): it is per JVM
+        # thread, and in some runs it was None on this thread while the session ran.)
+        assert SparkSession.active() is spark
+        assert spark.range(3).count() == 3  # still running
+        assert SparkContext._gateway.proc.pid == jvm  # no JVM of its own
+        assert spark.conf.get("spark.sql.session.timeZone") == "Asia/Seoul"
+    finally:
+        spark.conf.set("spark.sql.session.timeZone", "UTC")
+    run = MlflowClient().get_run(on_spark.run_id)
+    assert run.data.params["spark_master"] == spark.conf.get("spark.master") == MASTER
+    assert on_spark.rows == len(rows)
+    scored = by_id(pd.read_parquet(tmp_path / "out"), rows[ID])
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    assert scored["prediction"].tolist() == list(model.predict(rows.drop(columns=[ID])))
+
+
+@needs_spark
+@SPARK_GROUP
+def test_a_master_other_than_the_running_sessions_is_refused(
+    tracking_uri, korean_model, spark, tmp_path
+):
+    name, _ = korean_model
+    source = tmp_path / "in.csv"
+    customers(5, seed=14).to_csv(source, index=False)
+
+    with pytest.raises(UsageError, match=r"already runs a SparkSession on local\[2\]"):
+        score(name, source, tmp_path / "out", engine="spark", spark_master="local[1]")
+
+    assert spark.range(3).count() == 3
+    assert not (tmp_path / "out").exists()
+
+
+# Last of the group, so the in-process tests run back to back on the module session's warm
+# Python workers (Spark reaps idle ones while a long test runs).
+@needs_spark
+@SPARK_GROUP
 def test_a_directory_of_parquet_parts_is_scored_into_parquet_parts_by_the_cli(
     tracking_uri, korean_model, tmp_path
 ):
@@ -184,7 +271,7 @@ def test_a_directory_of_parquet_parts_is_scored_into_parquet_parts_by_the_cli(
         text=True,
         timeout=600,
         cwd=ROOT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        env={**outside_spark(os.environ), "MLFLOW_TRACKING_URI": tracking_uri},
     )
 
     assert done.returncode == 0, done.stderr[-3000:]
