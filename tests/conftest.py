@@ -139,25 +139,26 @@ def postgres_database():
 # rest in collection order: `make test` hands tests to its workers in this order
 # (`--dist loadgroup --no-loadscope-reorder`), so the long ones start at once and the
 # short ones fill in around them instead of one long test ending the run alone.
-SLOWEST_FIRST = (  # by the durations of a quiet `make test` (2026-12-02)
+SLOWEST_FIRST = (  # by the durations of `make test` (2026-12-02); a group goes as one
     "tests/test_mlproject.py",
-    "tests/test_lifecycle.py",
+    "tests/serving/test_spark.py",
+    "tests/test_dags.py",
     "tests/test_demo.py",
     "tests/monitoring/test_closed_loop.py",
     "tests/registry/test_consistency.py",
-    "tests/serving/test_spark.py",
-    "tests/stageflow/test_cli.py",
+    "tests/test_lifecycle.py",
     "tests/serving/test_verified_copy.py",
     "tests/serving/test_serve.py",
     "tests/serving/test_hung_replica.py",
-    "tests/stageflow/test_server_security.py",
     "tests/serving/test_alias_outside.py",
     "tests/serving/test_auto_rollback.py",
+    "tests/serving/test_inference_log.py",
+    "tests/stageflow/test_server_security.py",
     "tests/experiments/test_tune.py",
     "tests/serving/test_shadow.py",
-    "tests/serving/test_inference_log.py",
-    "tests/test_dags.py",
     "tests/stageflow/test_server_tls.py",
+    "tests/monitoring/test_monitor_cli.py",
+    "tests/stageflow/test_cli.py",
     "tests/serving/test_guarded.py",
     "tests/serving/test_dates_and_ids.py",
     "tests/test_ui.py",
