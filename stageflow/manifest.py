@@ -290,17 +290,17 @@ def _cached_manifest(place: Path) -> dict | None:
 
 def _download(client: MlflowClient, name: str, version: str, dst: Path) -> Path:
     """``version``'s files from the registry ``client`` talks to (not the process's default)."""
-    import mlflow  # noqa: PLC0415 - mlflow.artifacts pulls in the artifact repositories
-
-    dst.mkdir(parents=True, exist_ok=True)
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}",
-            dst_path=dst,
-            tracking_uri=client.tracking_uri,
-            registry_uri=client._registry_uri,  # noqa: SLF001 - no public name for it in MLflow
-        )
+    from mlflow.store.artifact.artifact_repository_registry import (  # noqa: PLC0415 - heavy
+        get_artifact_repository,
     )
+
+    # Not ``models:/name/version``: MLflow resolves that URI against the process's default
+    # registry whatever registry_uri it is given. The client's registry names the files'
+    # place, and the client's tracking server serves them.
+    place = client.get_model_version_download_uri(name, version)
+    dst.mkdir(parents=True, exist_ok=True)
+    repository = get_artifact_repository(place, tracking_uri=client.tracking_uri)
+    return Path(repository.download_artifacts("", dst_path=str(dst)))
 
 
 def _seal_on_first_load(
