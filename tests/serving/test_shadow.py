@@ -24,7 +24,7 @@ from registry import PRODUCTION, STAGING, promote
 from registry._stages import move
 from serving import inference_log
 from serving._mirror import QUEUE_REQUESTS, STATS_PATH
-from serving.controller import VERSION_HEADER
+from serving.controller import VERSION_HEADER, SwitchPolicy
 from tests.helpers import UNTIMED_LATENCY_YAML
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,12 @@ def wait_until(what: str, check, timeout: float):
 
 
 @pytest.fixture
-def shadowing(client, register_versions, model_name, start_serving):
+def switch_policy() -> SwitchPolicy:
+    return SwitchPolicy()
+
+
+@pytest.fixture
+def shadowing(client, register_versions, model_name, start_serving, switch_policy):
     """v1 in Production, v2 in Staging, served with ``shadow=True`` until v2 is mirrored to."""
     v1, v2 = register_versions(model_name)
     move(client, model_name, v1, PRODUCTION)
@@ -83,6 +88,7 @@ def shadowing(client, register_versions, model_name, start_serving):
         replicas=1,
         shadow=True,
         model_config={"inference_log": {"flush_seconds": 1.0}},
+        policy=switch_policy,
     )
     assert running.wait_serving(timeout=START_TIMEOUT_S) == v1
     wait_until(
@@ -166,6 +172,9 @@ def staging_group(running, version: str) -> int:
     return slot.replicas[0].proc.pid  # the leader of the replica's process group
 
 
+# The stopped shadow stays stopped for the whole test: the liveness rule would otherwise
+# replace it once silent for replace_after (5 s), which a busy machine's hung phase outlasts.
+@pytest.mark.parametrize("switch_policy", [SwitchPolicy(replace_after=3600.0)])
 def test_no_client_request_fails_while_the_shadow_is_hung_or_dead(shadowing, wine):
     running, v1, v2 = shadowing
     features, _ = wine
