@@ -33,8 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-import pandas as pd
-
+from monitoring.window import parse_duration
 from stageflow import tracking
 from stageflow.errors import StageflowError, UsageError
 
@@ -61,21 +60,14 @@ DEFAULTS: dict = {
 }
 
 
-def seconds(duration) -> float:
-    """``"1h"``, ``"15min"``, ``"90s"``, ``"2d"`` (pandas' Timedelta syntax) or a number → seconds.
+def seconds(duration: str, flag: str = "--every") -> float:
+    """``"90s"``, ``"15m"``, ``"1h30m"``, ``"2d"`` → seconds: the policy's grammar, which the
+    monitor's window reads too, so a period ``watch`` accepts is a window the monitor takes.
 
     Raises:
-        UsageError: not a positive duration.
+        UsageError: not a positive duration (the message names ``flag``).
     """
-    try:
-        value = float(duration) if isinstance(duration, int | float) else None
-        if value is None:
-            value = pd.Timedelta(str(duration).strip()).total_seconds()
-    except ValueError:
-        raise UsageError(f"{duration!r} is not a duration like 1h, 15min, 90s or 2d") from None
-    if not value > 0:
-        raise UsageError(f"a duration must be more than 0, got {duration!r}")
-    return value
+    return parse_duration(duration, flag).total_seconds()
 
 
 def settings(policy) -> dict:
@@ -182,7 +174,7 @@ def decide(result: dict, policy: dict, state: State, acts: Iterable[str] = ACTS)
         return []
     version = str(production.get("version", state.production))
     details = production.get("alarm_details") or []
-    cooldown = seconds(policy["rollback"]["cooldown"])
+    cooldown = seconds(policy["rollback"]["cooldown"], "rollback.cooldown")
     actions: list[Action] = []
 
     if ROLLBACK in acts and policy["rollback"]["enabled"]:
@@ -337,7 +329,7 @@ def watch_once(
     from registry.policy import for_model  # noqa: PLC0415
 
     acts = parse_acts(acts)
-    seconds(since)
+    seconds(since, "--since")
     client = tracking.client(tracking_uri)
     policy = for_model(client, model)  # an unknown model is a UsageError here
     if monitor is None:

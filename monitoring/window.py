@@ -10,20 +10,20 @@ from stageflow.errors import UsageError
 DEFAULT_SINCE = "1h"
 
 
-def parse_duration(text: str) -> timedelta:
+def parse_duration(text: str, flag: str = "--since") -> timedelta:
     """``"90s"``, ``"15m"``, ``"2h"``, ``"7d"`` as a timedelta (the policy's own grammar).
 
     Raises:
-        UsageError: not a positive duration.
+        UsageError: not a positive duration (the message names ``flag``).
     """
     from registry.policy import parse_duration as parse  # noqa: PLC0415 - one grammar
 
     try:
         duration = parse(str(text).strip())
     except ValueError as exc:
-        raise UsageError(f"--since: {exc}") from None
+        raise UsageError(f"{flag}: {exc}") from None
     if duration <= timedelta(0):
-        raise UsageError(f"--since: {text!r} is not a positive duration (like 15m or 2h)")
+        raise UsageError(f"{flag}: {text!r} is not a positive duration (like 15m or 2h)")
     return duration
 
 

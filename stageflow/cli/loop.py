@@ -33,7 +33,10 @@ def add_commands(commands) -> None:
     watch.set_defaults(handler=run_watch)
     watch.add_argument("--model", required=True, metavar="NAME")
     watch.add_argument(
-        "--every", default="1h", metavar="DURATION", help="period and window (default 1h)"
+        "--every",
+        default="1h",
+        metavar="DURATION",
+        help="period and window, like 15m, 1h, 1h30m or 1d (default 1h)",
     )
     watch.add_argument(
         "--act",

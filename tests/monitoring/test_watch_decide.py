@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from monitoring.watch import DEFAULTS, State, decide, parse_acts, seconds, settings
+from monitoring.window import Window
 from stageflow.errors import UsageError
 
 NOW = 1_000_000.0
@@ -124,9 +125,20 @@ def test_settings_keep_the_contract_defaults_for_keys_a_policy_leaves_out():
     assert rules["auto_promote"] is False
 
 
-@pytest.mark.parametrize(("text", "expected"), [("1h", 3600), ("15min", 900), ("90s", 90)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("1h", 3600), ("15m", 900), ("90s", 90), ("1h30m", 5400)]
+)
 def test_durations_read_like_the_cli_writes_them(text, expected):
     assert seconds(text) == expected
+
+
+@pytest.mark.parametrize("text", ["15min", "1 hour", "90"])
+def test_a_period_the_monitor_s_window_would_refuse_is_refused_naming_the_flag(text):
+    # `watch --every` is also the monitor's window: one grammar, refused before any window.
+    with pytest.raises(UsageError, match="^--every: .* is not a duration like"):
+        seconds(text)
+    with pytest.raises(UsageError, match="^--since: "):
+        Window.ending_now(text)
 
 
 @pytest.mark.parametrize("text", ["soon", "0s", "-1h"])
