@@ -57,38 +57,6 @@ def test_every_documented_entry_point_exists():
         assert entry["command"].startswith("python -m stageflow "), name
 
 
-@pytest.mark.slow
-def test_mlflow_run_train_trains_and_registers_in_the_run_mlflow_created(tracking_uri, model_name):
-    mlflow_run(
-        "train",
-        tracking_uri,
-        data="builtin:iris",
-        target="target",
-        model_name=model_name,
-        family="lr",
-    )
-    client = MlflowClient(tracking_uri)
-    version = client.get_model_version(model_name, "1")
-    run = client.get_run(version.run_id)
-    # The project run itself holds the training: one run, not a nested second one.
-    assert run.data.tags.get("mlflow.project.entryPoint") == "train"
-    assert run.data.params["family"] == "lr"
-    assert "test_accuracy" in run.data.metrics
-
-
-@pytest.mark.slow
-def test_mlflow_run_rollback_without_a_target_uses_the_ledger(
-    tracking_uri, register_versions, model_name
-):
-    register_versions(model_name)
-    for version in ("1", "2"):
-        registry.promote(model_name, version, "Staging")
-        registry.promote(model_name, version, "Production")
-    mlflow_run("rollback", tracking_uri, model=model_name, reason="from mlflow run")
-    assert registry.status(model_name).production == "1"
-    assert registry.history(model_name)[-1].reason == "from mlflow run"
-
-
 # Values that need shell quoting: spaces, quotes, Korean (issue 10).
 TARGET = "이탈 여부"
 
@@ -132,10 +100,7 @@ def trained(tracking_server, quoted, untimed_policy):
         name, first.source, run_id=first.run_id, tags=tags, model_id=logged_model
     )
     assert (third.version, third.run_id) == ("3", first.run_id), third
-    with pytest.MonkeyPatch.context() as env:  # the download reads the ambient registry
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        env.setenv("MLFLOW_REGISTRY_URI", uri)
-        manifest.record(client, name, "3")  # as `train` records one on registering
+    manifest.record(client, name, "3")  # as `train` records one on registering
     registry.set_policy(name, untimed_policy, uri)
     return name
 
@@ -145,6 +110,7 @@ def trained(tracking_server, quoted, untimed_policy):
 def test_mlflow_run_train_with_values_needing_quotes_logs_them_once(tracking_uri, quoted, trained):
     client = MlflowClient(tracking_uri)
     run = client.get_run(client.get_model_version(trained, "1").run_id)
+    # The project run itself holds the training: one run, not a nested second one.
     assert run.data.tags["mlflow.project.entryPoint"] == "train"
     # The runner's record stands (shell-quoted); Stageflow's reader gives the plain values.
     assert run.data.params["target"] != TARGET
@@ -190,6 +156,7 @@ def test_mlflow_run_promote_score_rollback_and_serve_take_quoted_values(
     mlflow_run("score", tracking_uri, model=trained, input=str(source), output=str(output))
     assert pd.read_csv(output)["model_version"].eq(3).all()
 
+    # No --to: the ledger names the version to go back to.
     mlflow_run("rollback", tracking_uri, model=trained, reason=reason)
     assert registry.status(trained).production == "1"
     assert registry.history(trained)[-1].reason == reason
