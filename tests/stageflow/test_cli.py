@@ -82,7 +82,7 @@ def test_help_teaches_the_commands():
     assert "--param KEY=VALUE" in train_help
 
 
-def test_an_unreachable_tracking_server_names_the_uri_and_the_fix():
+def test_an_unreachable_tracking_server_names_the_uri_and_the_fix(capsys):
     port = processes.free_port()
     uri = f"http://127.0.0.1:{port}"
     for args in (
@@ -90,10 +90,10 @@ def test_an_unreachable_tracking_server_names_the_uri_and_the_fix():
         ["train", "--data", "builtin:wine", "--target", "target"],
         ["promote", "--model", "m", "--version", "1", "--to", "Staging"],
     ):
-        result = stageflow(*args, "--tracking-uri", uri)
+        result = in_process(capsys, *args, "--tracking-uri", uri, env={})
         assert_one_line_error(result, 1, uri, "stageflow server start")
     # The environment variable is honoured the same way.
-    result = stageflow("history", "--model", "m", env={"MLFLOW_TRACKING_URI": uri})
+    result = in_process(capsys, "history", "--model", "m", env={"MLFLOW_TRACKING_URI": uri})
     assert_one_line_error(result, 1, uri)
 
 
