@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from stageflow.errors import UsageError
+from stageflow import durations
 
 DEFAULT_SINCE = "1h"
 
@@ -16,15 +16,7 @@ def parse_duration(text: str, flag: str = "--since") -> timedelta:
     Raises:
         UsageError: not a positive duration (the message names ``flag``).
     """
-    from registry.policy import parse_duration as parse  # noqa: PLC0415 - one grammar
-
-    try:
-        duration = parse(str(text).strip())
-    except ValueError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
-    if duration <= timedelta(0):
-        raise UsageError(f"{flag}: {text!r} is not a positive duration (like 15m or 2h)")
-    return duration
+    return durations.positive(text, flag)
 
 
 @dataclass(frozen=True)

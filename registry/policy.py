@@ -45,7 +45,6 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,6 +64,7 @@ from pydantic import (
 )
 
 from registry._stages import require_model
+from stageflow.durations import parse as parse_duration
 from stageflow.errors import UsageError
 
 __all__ = [
@@ -100,10 +100,6 @@ TASK_METRICS = {
 KNOWN_METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _RULE = re.compile(r"^\s*(>=|<=|>|<)\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$")
-# A duration: one or more <number><unit> parts, e.g. "90s", "15m", "1h30m", "2d".
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_DURATION = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*[smhdw]\s*)+$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 # --- value types: strict (no "3" for 3, no "yes" for true), finite -----------------------
@@ -404,21 +400,6 @@ def show_policy(model: str, tracking_uri: str | None = None) -> Policy:
     from stageflow import tracking  # noqa: PLC0415
 
     return for_model(tracking.client(tracking_uri), model)
-
-
-def parse_duration(text: str) -> timedelta:
-    """A duration like ``"90s"``, ``"15m"``, ``"1h"``, ``"1h30m"``, ``"2d"`` or ``"1w"``.
-
-    Raises:
-        ValueError: the text is not such a duration.
-    """
-    if not isinstance(text, str) or not _DURATION.match(text):
-        raise ValueError(
-            f'{text!r} is not a duration like "90s", "15m", "1h", "1h30m" or "2d" '
-            "(units s, m, h, d, w)"
-        )
-    seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
-    return timedelta(seconds=seconds)
 
 
 def _threshold(metric, rule, source: str | None = None) -> Threshold:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from stageflow import durations
 from stageflow.cli._common import EPILOG_TRACKING, add_json, add_tracking, emit, formatter
 
 
@@ -80,10 +81,10 @@ def add_commands(commands) -> None:
 
 
 def run_watch(args) -> int:
-    from monitoring.watch import parse_acts, seconds, summary, watch  # noqa: PLC0415
+    durations.positive(args.every, "--every")  # at once, before the stages are imported
+    from monitoring.watch import parse_acts, summary, watch  # noqa: PLC0415
 
     acts = parse_acts(args.act)
-    seconds(args.every)
 
     def show(report) -> None:
         print(summary(report), flush=True)

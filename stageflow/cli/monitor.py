@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stageflow import durations
 from stageflow.cli._common import EPILOG_TRACKING, add_json, add_tracking, emit, formatter
 
 
@@ -86,9 +87,10 @@ def run_feedback(args) -> int:
 
 
 def run_monitor(args) -> int:
-    from monitoring import monitor, parse_duration  # noqa: PLC0415
+    # A bad window fails at once: before MLflow and pandas are imported, the server asked.
+    durations.positive(args.since, "--since")
+    from monitoring import monitor  # noqa: PLC0415
 
-    parse_duration(args.since)  # a bad window fails before the tracking server is asked
     result = monitor(args.model, since=args.since, tracking_uri=args.tracking_uri)
     emit(args, result.to_json(), _text(result))
     return 1 if args.fail_on_alarm and result.alarm else 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+
+from serving.log_options import parse_mode, parse_retention
 from stageflow.cli._common import (
     EPILOG_TRACKING,
     add_guard_policies,
@@ -10,7 +13,19 @@ from stageflow.cli._common import (
     port,
     positive_int,
 )
-from stageflow.errors import UsageError
+
+
+def _checked(parse):
+    """An argparse type that checks its text with ``parse`` and keeps the text itself."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
 
 
 def add_commands(commands) -> None:
@@ -51,6 +66,7 @@ def add_commands(commands) -> None:
     )
     serve.add_argument(
         "--inference-log",
+        type=_checked(parse_mode),
         default="all",
         metavar="off|sample:FRACTION|all",
         help="which requests the inference log records: none, a random fraction (e.g. "
@@ -58,6 +74,7 @@ def add_commands(commands) -> None:
     )
     serve.add_argument(
         "--log-retention",
+        type=_checked(parse_retention),
         default="1GB,7d",
         metavar="SIZE,AGE",
         help="bound on the log's local segments, by total size and/or age, e.g. 500MB,7d or "
@@ -106,11 +123,6 @@ def run(args) -> int:
     from serving import inference_log  # noqa: PLC0415
     from serving.controller import serve  # noqa: PLC0415
 
-    try:
-        inference_log.parse_mode(args.inference_log)
-        inference_log.parse_retention(args.log_retention)
-    except ValueError as exc:
-        raise UsageError(f"{exc}") from None
     log = {"mode": args.inference_log, "retention": args.log_retention}
     # Unset: the replicas' own defaults (serving/_admission.py).
     for limit in ("max_rows", "max_concurrency"):

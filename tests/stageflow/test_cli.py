@@ -63,6 +63,40 @@ def test_bad_usage_exits_2_with_one_line(args, fragment):
     assert_one_line_error(stageflow(*args), 2, fragment)
 
 
+# Checked in a fresh interpreter by stageflow.cli.main, which then reports what it imported.
+_IMPORTED_AFTER = """
+import json, sys
+from stageflow.cli import main
+try:
+    code = main(json.loads(sys.argv[1]))
+except SystemExit as exit_:
+    code = exit_.code
+print(json.dumps({"code": code, "heavy": sorted({"mlflow", "pandas"} & set(sys.modules))}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["monitor", "--model", "m", "--since", "5q"], "--since"),
+        (["watch", "--model", "m", "--every", "15min"], "--every"),
+        (["serve", "--model", "m", "--inference-log", "sample:2"], "--inference-log"),
+        (["serve", "--model", "m", "--log-retention", "forever"], "--log-retention"),
+    ],
+)
+def test_a_bad_period_or_log_setting_is_refused_before_mlflow_is_imported(args, fragment):
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTED_AFTER, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=processes.venv_env({}),
+        timeout=120,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"code": 2, "heavy": []}, done.stderr
+    assert fragment in done.stderr
+
+
 def test_help_teaches_the_commands():
     result = stageflow("--help")
     assert result.returncode == 0
