@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from experiments.tune import tune
+from tests.helpers import in_process
 
 pytestmark = pytest.mark.slow
 
@@ -248,15 +249,13 @@ def test_two_workers_share_one_study_on_postgresql(tracking_uri, model_name, pos
     ],
 )
 def test_bad_arguments_are_one_clear_line_and_an_exit_code(
-    tracking_uri, tmp_path, args, code, says
+    tracking_uri, tmp_path, capsys, args, code, says
 ):
-    done = run_cli(
-        "--data",
-        "builtin:wine",
-        "--target",
-        "target",
-        *args,
-        env_extra={"MLFLOW_TRACKING_URI": tracking_uri, "STAGEFLOW_HOME": str(tmp_path)},
+    # In this interpreter (tests.helpers.in_process): the subject is the message and the code.
+    done = in_process(
+        capsys,
+        *("tune", "--data", "builtin:wine", "--target", "target", *args),
+        env={"MLFLOW_TRACKING_URI": tracking_uri, "STAGEFLOW_HOME": str(tmp_path)},
     )
     assert done.returncode == code
     assert says in done.stderr

@@ -1,4 +1,8 @@
-"""``stageflow feedback`` / ``stageflow monitor`` as schedulers and people call them."""
+"""``stageflow feedback`` / ``stageflow monitor`` as schedulers and people call them.
+
+Against the real server, the commands run in this interpreter (``tests.helpers.in_process``):
+their subject is what each command prints and exits with, not the start of a process.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from tests.helpers import in_process
 from tests.monitoring import segments
 from tests.monitoring.conftest import FEATURES, draw
 from tests.stageflow.test_cli import assert_one_line_error, stageflow
@@ -29,11 +34,11 @@ def test_a_bad_window_is_a_one_line_usage_error(since):
 
 
 @pytest.mark.slow
-def test_fail_on_alarm_exits_1_on_drift_and_0_without(tracking_uri, synthetic_version):
+def test_fail_on_alarm_exits_1_on_drift_and_0_without(tracking_uri, synthetic_version, capsys):
     name, _, _ = synthetic_version
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
     _log(tracking_uri, synthetic_version, draw(400, seed=21))
-    calm = stageflow("monitor", "--model", name, "--fail-on-alarm", "--json", env=env)
+    calm = in_process(capsys, "monitor", "--model", name, "--fail-on-alarm", "--json", env=env)
     assert calm.returncode == 0, calm.stderr
     document = json.loads(calm.stdout)
     assert set(document) == {"model", "since", "versions"}
@@ -55,31 +60,33 @@ def test_fail_on_alarm_exits_1_on_drift_and_0_without(tracking_uri, synthetic_ve
     assert version["live_metrics"] is None
 
     _log(tracking_uri, synthetic_version, draw(2000, seed=22, shifted=True))
-    alarmed = stageflow("monitor", "--model", name, "--fail-on-alarm", env=env)
+    alarmed = in_process(capsys, "monitor", "--model", name, "--fail-on-alarm", env=env)
     assert alarmed.returncode == 1, alarmed.stderr
     assert "ALARM: input drift in 'a'" in alarmed.stdout
-    without_flag = stageflow("monitor", "--model", name, "--json", env=env)
+    without_flag = in_process(capsys, "monitor", "--model", name, "--json", env=env)
     assert without_flag.returncode == 0, without_flag.stderr
     assert json.loads(without_flag.stdout)["versions"][0]["drifted_columns"] == ["a", "colour"]
 
 
 @pytest.mark.slow
-def test_feedback_reports_unknown_ids_in_json(tracking_uri, synthetic_version, tmp_path):
+def test_feedback_reports_unknown_ids_in_json(tracking_uri, synthetic_version, tmp_path, capsys):
     name, _, _ = synthetic_version
     logged = _log(tracking_uri, synthetic_version, draw(10, seed=23))
     labels = pd.DataFrame({"request_id": [*logged["request_id"], "ghost"], "label": ["yes"] * 11})
     labels.to_csv(tmp_path / "labels.csv", index=False)
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
-    result = stageflow(
-        "feedback", "--model", name, "--labels", str(tmp_path / "labels.csv"), "--json", env=env
+    result = in_process(
+        capsys,
+        *("feedback", "--model", name, "--labels", str(tmp_path / "labels.csv"), "--json"),
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["matched"] == 10
     assert document["unknown"] == 1
     assert document["unknown_examples"] == ["ghost#0"]
-    missing = stageflow(
-        "feedback", "--model", name, "--labels", str(tmp_path / "nope.csv"), env=env
+    missing = in_process(
+        capsys, "feedback", "--model", name, "--labels", str(tmp_path / "nope.csv"), env=env
     )
     assert_one_line_error(missing, 2, "does not exist")
 
