@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 import registry
 from stageflow import manifest, processes, tracking
+from tests.experiments.test_tune import trial_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_TIMEOUT_S = 180.0
@@ -78,7 +79,7 @@ def quoted(tracking_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tracking_server, quoted, untimed_policy):
-    """Version 1 by `mlflow run -e train`, 2 by `-e tune`, 3 the same model as 1 again.
+    """Version 1 by `mlflow run -e train`, 2 by `-e tune` (2 workers), 3 the same model as 1.
 
     Version 3 is version 1's model registered once more (same files, same training run,
     so the same held-out split and predictions), as training it again by `mlflow run -e
@@ -91,7 +92,9 @@ def trained(tracking_server, quoted, untimed_policy):
     mlflow_run("train", uri, family="lr", **params)
     home = {"STAGEFLOW_HOME": str(quoted["folder"] / "home")}
     study = "it's a study 연구"
-    mlflow_run("tune", uri, env=home, n_trials="2", families="lr", study_name=study, **params)
+    mlflow_run(
+        "tune", uri, env=home, n_trials="2", workers="2", families="lr", study_name=study, **params
+    )
     client = tracking.client(uri)
     first = client.get_model_version(name, "1")
     tags = {key: first.tags[key] for key in ("stageflow.task", "stageflow.family")}
@@ -126,7 +129,11 @@ def test_mlflow_run_train_with_values_needing_quotes_logs_them_once(tracking_uri
 def test_mlflow_run_tune_with_values_needing_quotes_logs_the_study(tracking_uri, quoted, trained):
     client = MlflowClient(tracking_uri)
     parent = client.get_run(client.get_model_version(trained, "2").run_id)
+    # The run MLflow created is the study's run, and both workers' trials nest under it.
     assert parent.data.tags["mlflow.project.entryPoint"] == "tune"
+    assert parent.data.tags["stageflow.kind"] == "tune"
+    assert parent.info.status == "FINISHED"
+    assert len(trial_runs(client, parent.info.run_id)) == 2
     plain = tracking.plain_params(parent)
     assert (plain["target"], plain["data"]) == (TARGET, quoted["data"])
     assert plain["study.name"] == "it's a study 연구"

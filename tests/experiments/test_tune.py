@@ -316,25 +316,5 @@ def test_ctrl_c_keeps_finished_trials_and_leaves_no_run_open_and_no_worker_runni
     assert not [pid for pid in workers if alive(pid)], "a worker outlived the command"
 
 
-def test_mlflow_run_tune_nests_the_trials_under_the_run_mlflow_created(
-    tracking_uri, model_name, tmp_path
-):
-    from tests.test_mlproject import mlflow_run
-
-    mlflow_run(
-        "tune",
-        tracking_uri,
-        data="builtin:wine",
-        model_name=model_name,
-        n_trials="3",
-        workers="2",
-        families="lr",
-        storage=f"sqlite:///{tmp_path / 'studies.db'}",
-    )
-
-    client = MlflowClient(tracking_uri)
-    run = client.get_run(client.get_model_version(model_name, "1").run_id)
-    assert run.data.tags["mlflow.project.entryPoint"] == "tune"
-    assert run.data.tags["stageflow.kind"] == "tune"
-    assert run.info.status == "FINISHED"
-    assert len(trial_runs(client, run.info.run_id)) == 3
+# `mlflow run -e tune` with two workers, its trials nested under the run MLflow created:
+# tests/test_mlproject.py (test_mlflow_run_tune_with_values_needing_quotes_logs_the_study).
