@@ -5,11 +5,8 @@ a promoter is killed mid-transition; changes made behind Stageflow's back are
 flagged by ``status`` and fixed by ``repair``.
 """
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,41 +20,31 @@ from registry._stages import move
 from stageflow import processes, server
 from stageflow.errors import StageflowError
 from tests.helpers import assert_one_holder_per_stage
+from tests.registry import promoter
 
 pytestmark = pytest.mark.slow
 
-PROMOTER = Path(__file__).with_name("promoter.py")
 PROMOTERS = 6
 
 
 def race(uri: str, name: str, versions: list[str], stage: str, barrier: Path) -> list[dict]:
     """Start one promoter process per version, release them together, collect their results."""
     barrier.mkdir()
-    env = processes.venv_env({"MLFLOW_TRACKING_URI": uri})
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(PROMOTER), uri, name, v, stage, str(barrier)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for v in versions
-    ]
+    procs = [promoter.start(uri, name, v, stage, barrier) for v in versions]
     try:
         processes.wait_until(
             lambda: len(list(barrier.glob("ready-*"))) == len(procs), timeout=120, what="promoters"
         )
         (barrier / "go").touch()
-        outputs = [p.communicate(timeout=240) for p in procs]
+        for p in procs:
+            p.join(timeout=240)
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.is_alive():
                 p.kill()
-                p.wait()
-    for p, (_out, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-2000:]
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+                p.join()
+    assert [p.exitcode for p in procs] == [0] * len(procs), promoter.errors(barrier)
+    return [promoter.result(barrier, v, stage) for v in versions]
 
 
 def assert_serialised(client: MlflowClient, name: str, results: list[dict], stage: str) -> None:
@@ -163,26 +150,24 @@ def test_a_promoter_killed_mid_gate_leaves_no_claim_and_rerunning_completes_it(
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     (barrier / "go").touch()
-    proc = subprocess.Popen(
-        [sys.executable, str(PROMOTER), tracking_uri, name, "2", "Production", str(barrier)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=processes.venv_env({"MLFLOW_TRACKING_URI": tracking_uri}),
-    )
+    proc = promoter.start(tracking_uri, name, "2", "Production", barrier)
     try:
         # Kill it once its ledger entry is open, i.e. while it holds the lock and runs gates.
         processes.wait_until(
-            lambda: any(
-                e.outcome == ledger.INTERRUPTED
-                for e in ledger.entries(client, name, include_all=True)
+            lambda: (
+                any(
+                    e.outcome == ledger.INTERRUPTED
+                    for e in ledger.entries(client, name, include_all=True)
+                )
+                or not proc.is_alive()
             ),
             timeout=120,
-            proc=proc,
             what="the promoter's ledger entry",
         )
+        assert proc.is_alive(), f"the promoter ended (code {proc.exitcode}) before it was killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
-        proc.wait()
+        proc.join()
 
     st = registry.status(name)
     assert any("was interrupted" in p for p in st.problems)
