@@ -33,7 +33,7 @@ from registry import _compare
 from registry._stages import PRODUCTION, STAGING, current_version
 from registry.policy import TASK_METRICS, LatencyBudget, Policy, Threshold
 from stageflow import manifest
-from stageflow.contract import input_columns
+from stageflow.contract import ignored_columns, input_columns
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,8 @@ def schema_compatible(ctx: GateContext) -> CheckResult:
         return CheckResult(name, True, "no Production version to stay compatible with")
     try:
         old = input_columns(ctx.load(champion))
-        new = input_columns(ctx.load(str(ctx.version.version)))
+        challenger = ctx.load(str(ctx.version.version))
+        new, ignored = input_columns(challenger), ignored_columns(challenger)
     except Exception as exc:  # noqa: BLE001 - an unreadable contract is the verdict
         return CheckResult(name, False, f"could not read the input columns: {_first_line(exc)}")
     if old is None or new is None:
@@ -218,7 +219,7 @@ def schema_compatible(ctx: GateContext) -> CheckResult:
         return CheckResult(
             name, False, f"version {which} has no data contract or input signature to compare"
         )
-    return judge_schema(old, new, champion, ctx.allow_breaking)
+    return judge_schema(old, new, champion, ctx.allow_breaking, ignored)
 
 
 def judge_schema(
@@ -226,6 +227,7 @@ def judge_schema(
     new: Mapping[str, tuple[str, bool]],
     champion: str,
     allow_breaking: str = "",
+    ignored: frozenset[str] = frozenset(),
 ) -> CheckResult:
     """The schema verdict on given input columns (``{column: (type, required)}``).
 
@@ -234,11 +236,16 @@ def judge_schema(
         new: the challenger's input columns.
         champion: the champion's version, named in the verdict.
         allow_breaking: the reason a breaking change is accepted; empty refuses it.
+        ignored: columns the challenger accepts and drops unused (its contract's
+            ``ignored_columns``): a champion's column among them still reaches it, so
+            no client breaks.
     """
     name = "schema_compatible"
-    breaking = []
+    breaking, now_ignored = [], []
     for column, (kind, _) in old.items():
-        if column not in new:
+        if column not in new and column in ignored:
+            now_ignored.append(column)
+        elif column not in new:
             breaking.append(f"drops column {column!r}")
         elif new[column][0] != kind and (kind, new[column][0]) not in WIDENING:
             breaking.append(f"retypes {column!r} {kind} → {new[column][0]}")
@@ -246,8 +253,12 @@ def judge_schema(
         if column not in old and required:
             breaking.append(f"requires new column {column!r} ({kind})")
     figures = {"champion": champion, "breaking": breaking}
+    if now_ignored:
+        figures["now_ignored"] = now_ignored
     if not breaking:
-        return CheckResult(name, True, f"accepts every input version {champion} accepts", figures)
+        unused = f" (now ignores {', '.join(map(repr, now_ignored))})" if now_ignored else ""
+        detail = f"accepts every input version {champion} accepts{unused}"
+        return CheckResult(name, True, detail, figures)
     summary = f"breaks clients of version {champion}: " + "; ".join(breaking)
     if allow_breaking:
         figures["allowed_because"] = allow_breaking

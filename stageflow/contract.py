@@ -28,3 +28,13 @@ def input_columns(pyfunc) -> dict[str, tuple[str, bool]] | None:
         str(spec.name): (getattr(spec.type, "name", str(spec.type)), spec.required)
         for spec in schema.inputs
     }
+
+
+def ignored_columns(pyfunc) -> frozenset[str]:
+    """The columns a loaded guarded model accepts and drops unused (its contract's
+    ``ignored_columns``: identifiers and constants training dropped); none for any other."""
+    try:
+        contract = getattr(pyfunc.unwrap_python_model(), "contract", None)
+    except MlflowException:  # not a python model (e.g. the plain sklearn flavor)
+        contract = None
+    return frozenset(map(str, (contract or {}).get("ignored_columns", ())))

@@ -109,6 +109,20 @@ def test_dropped_retyped_and_new_required_columns_break_clients():
     assert result.detail.endswith("pass --allow-breaking REASON to accept")
 
 
+def test_a_column_the_challenger_now_ignores_is_not_dropped_for_its_clients():
+    # Retrained, the data check found 'colour' constant: the challenger's contract lists it
+    # in ignored_columns, so a client that sends it is still answered (the guard drops it).
+    new = {"alcohol": ("double", True), "age": ("integer", False)}
+    result = judge_schema(OLD, new, "1", ignored=frozenset({"colour"}))
+    assert result.passed, result.detail
+    assert result.figures["breaking"] == []
+    assert result.figures["now_ignored"] == ["colour"]
+    assert "now ignores 'colour'" in result.detail
+    # Ignoring another column does not excuse dropping this one.
+    still = judge_schema(OLD, new, "1", ignored=frozenset({"age"}))
+    assert still.figures["breaking"] == ["drops column 'colour'"]
+
+
 def test_a_breaking_change_passes_only_with_a_reason_that_goes_into_the_figures():
     result = judge_schema(OLD, {"alcohol": ("double", True)}, "1", allow_breaking="new feed")
     assert result.passed

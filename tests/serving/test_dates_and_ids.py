@@ -19,6 +19,7 @@ import requests
 from experiments.train import train
 from registry._stages import PRODUCTION, move
 from serving.batch import score
+from stageflow.contract import ignored_columns
 from tests.helpers import serving_in_production
 
 pytestmark = pytest.mark.slow
@@ -85,8 +86,11 @@ def test_the_data_check_is_logged_with_the_run_and_returned(tracking_uri, orders
     client = mlflow.MlflowClient(tracking_uri)
     logged = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"data_check.json", "data_check.md"} <= logged
-    contract = mlflow.pyfunc.load_model(f"models:/{name}/{result.version}")
-    contract = contract.unwrap_python_model().contract
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}/{result.version}")
+    # What the schema gate reads: accepted and dropped, so a champion's column among
+    # them breaks no client (registry.gates.judge_schema).
+    assert ignored_columns(loaded) == {"order_id", "shop"}
+    contract = loaded.unwrap_python_model().contract
     assert {c["name"]: c["kind"] for c in contract["columns"]} == {
         "date": "datetime",
         "basket": "numeric",
