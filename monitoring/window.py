@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from stageflow import durations
+from stageflow.errors import UsageError
 
 DEFAULT_SINCE = "1h"
 
@@ -16,7 +17,10 @@ def parse_duration(text: str, flag: str = "--since") -> timedelta:
     Raises:
         UsageError: not a positive duration (the message names ``flag``).
     """
-    return durations.positive(text, flag)
+    try:
+        return durations.positive(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 @dataclass(frozen=True)

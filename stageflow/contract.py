@@ -15,10 +15,7 @@ def input_columns(pyfunc) -> dict[str, tuple[str, bool]] | None:
 
     Reads the contract of a guarded model, else the input signature of any other.
     """
-    try:
-        contract = getattr(pyfunc.unwrap_python_model(), "contract", None)
-    except MlflowException:  # not a python model (e.g. the plain sklearn flavor)
-        contract = None
+    contract = _contract(pyfunc)
     if contract is not None:
         return {c["name"]: (c["type"], not c["nullable"]) for c in contract["columns"]}
     schema = pyfunc.metadata.get_input_schema()
@@ -33,8 +30,12 @@ def input_columns(pyfunc) -> dict[str, tuple[str, bool]] | None:
 def ignored_columns(pyfunc) -> frozenset[str]:
     """The columns a loaded guarded model accepts and drops unused (its contract's
     ``ignored_columns``: identifiers and constants training dropped); none for any other."""
+    return frozenset(map(str, (_contract(pyfunc) or {}).get("ignored_columns", ())))
+
+
+def _contract(pyfunc) -> dict | None:
+    """A guarded model's data contract; None for any other model."""
     try:
-        contract = getattr(pyfunc.unwrap_python_model(), "contract", None)
+        return getattr(pyfunc.unwrap_python_model(), "contract", None)
     except MlflowException:  # not a python model (e.g. the plain sklearn flavor)
-        contract = None
-    return frozenset(map(str, (contract or {}).get("ignored_columns", ())))
+        return None

@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from stageflow.errors import UsageError
-
 # Hand-written: a few units summed; pandas.Timedelta reads a wider grammar ("15min",
 # "1 day") than the policy file documents, and would cost the CLI its import.
 _PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -34,16 +32,13 @@ def parse(text: str) -> timedelta:
     return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in _PART.findall(text)))
 
 
-def positive(text: str, flag: str) -> timedelta:
-    """:func:`parse` for a flag: a duration above zero, or a usage error naming ``flag``.
+def positive(text: str) -> timedelta:
+    """:func:`parse`, surrounding spaces allowed, for a duration above zero.
 
     Raises:
-        UsageError: not a positive duration.
+        ValueError: not a positive duration.
     """
-    try:
-        duration = parse(str(text).strip())
-    except ValueError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
+    duration = parse(str(text).strip())
     if duration <= timedelta(0):
-        raise UsageError(f"{flag}: {text!r} is not a positive duration (like 15m or 2h)")
+        raise ValueError(f"{text!r} is not a positive duration (like 15m or 2h)")
     return duration

@@ -87,6 +87,20 @@ def optional_positive_float(text: str) -> float | None:
     return value
 
 
+def checked(parse):
+    """An argparse type that checks its text with ``parse`` (a ValueError is the usage
+    error) and keeps the text itself, for options handed on as written."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
+
+
 def port(text: str) -> int:
     value = positive_int(text)
     if value > 65535:

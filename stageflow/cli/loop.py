@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 
 from stageflow import durations
-from stageflow.cli._common import EPILOG_TRACKING, add_json, add_tracking, emit, formatter
+from stageflow.cli._common import (
+    EPILOG_TRACKING,
+    add_json,
+    add_tracking,
+    checked,
+    emit,
+    formatter,
+)
 
 
 def add_commands(commands) -> None:
@@ -35,6 +42,7 @@ def add_commands(commands) -> None:
     watch.add_argument("--model", required=True, metavar="NAME")
     watch.add_argument(
         "--every",
+        type=checked(durations.positive),
         default="1h",
         metavar="DURATION",
         help="period and window, like 15m, 1h, 1h30m or 1d (default 1h)",
@@ -81,7 +89,6 @@ def add_commands(commands) -> None:
 
 
 def run_watch(args) -> int:
-    durations.positive(args.every, "--every")  # at once, before the stages are imported
     from monitoring.watch import parse_acts, summary, watch  # noqa: PLC0415
 
     acts = parse_acts(args.act)

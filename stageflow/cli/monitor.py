@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from stageflow import durations
-from stageflow.cli._common import EPILOG_TRACKING, add_json, add_tracking, emit, formatter
+from stageflow.cli._common import (
+    EPILOG_TRACKING,
+    add_json,
+    add_tracking,
+    checked,
+    emit,
+    formatter,
+)
 
 
 def add_commands(commands) -> None:
@@ -57,6 +64,7 @@ def add_commands(commands) -> None:
     monitor.add_argument("--model", required=True, metavar="NAME")
     monitor.add_argument(
         "--since",
+        type=checked(durations.positive),
         default="1h",
         metavar="DURATION",
         help="the window, ending now: like 90s, 15m, 2h, 7d (default: 1h)",
@@ -87,8 +95,6 @@ def run_feedback(args) -> int:
 
 
 def run_monitor(args) -> int:
-    # A bad window fails at once: before MLflow and pandas are imported, the server asked.
-    durations.positive(args.since, "--since")
     from monitoring import monitor  # noqa: PLC0415
 
     result = monitor(args.model, since=args.since, tracking_uri=args.tracking_uri)

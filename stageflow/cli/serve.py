@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-
 from serving.log_options import parse_mode, parse_retention
 from stageflow.cli._common import (
     EPILOG_TRACKING,
     add_guard_policies,
     add_tracking,
+    checked,
     guard_config,
     port,
     positive_int,
 )
-
-
-def _checked(parse):
-    """An argparse type that checks its text with ``parse`` and keeps the text itself."""
-
-    def check(text: str) -> str:
-        try:
-            parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
-
-    return check
 
 
 def add_commands(commands) -> None:
@@ -66,7 +52,7 @@ def add_commands(commands) -> None:
     )
     serve.add_argument(
         "--inference-log",
-        type=_checked(parse_mode),
+        type=checked(parse_mode),
         default="all",
         metavar="off|sample:FRACTION|all",
         help="which requests the inference log records: none, a random fraction (e.g. "
@@ -74,7 +60,7 @@ def add_commands(commands) -> None:
     )
     serve.add_argument(
         "--log-retention",
-        type=_checked(parse_retention),
+        type=checked(parse_retention),
         default="1GB,7d",
         metavar="SIZE,AGE",
         help="bound on the log's local segments, by total size and/or age, e.g. 500MB,7d or "

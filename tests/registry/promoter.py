@@ -12,7 +12,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
+import time
 from pathlib import Path
+
+import mlflow
+
+import registry
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 # Before the forkserver starts (on the first promoter): what every promoter imports.
@@ -39,13 +45,6 @@ def errors(barrier: Path) -> str:
 
 
 def _promote(uri: str, model: str, version: str, stage: str, barrier: str) -> None:
-    import sys
-    import time
-
-    import mlflow
-
-    import registry
-
     # Its stderr (a traceback included) to a file of its own, as a process's own pipe.
     log = open(Path(barrier) / f"stderr-{version}-{stage}.txt", "w")  # open until it exits
     os.dup2(log.fileno(), 2)
