@@ -321,7 +321,7 @@ def _monitor_version(client, model, version, role, run_id, window, cfg, known_la
     if gathered.labelled.keep_inputs and gathered.labelled.count >= int(cfg["min_rows"]):
         started = time.perf_counter()
         try:
-            probabilities = rescore(model, version, gathered.labelled.inputs())
+            probabilities = rescore(client, model, version, gathered.labelled.inputs())
         except Exception as exc:  # noqa: BLE001 - no log loss is a note, never a failed monitor
             note = f"no live log loss: re-scoring the labelled rows failed: {_first_line(exc)}"
             logger.warning("%s v%s: %s", model, version, note)

@@ -200,22 +200,30 @@ def _interval(
     return float(ci.low), float(ci.high)
 
 
-def rescore(model: str, version: str, inputs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def rescore(
+    client, model: str, version: str, inputs: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray]:
     """The version's class probabilities for logged rows: ``(probabilities, classes)``.
 
-    Loads ``models:/model/version`` once and runs its pipeline's ``predict_proba``
-    on ``inputs`` (the log's ``input.<column>`` values of the labelled rows) in
-    batches of :data:`RESCORE_BATCH` rows: the answers' probabilities without
-    logging them with every request (see the module docstring).
+    Loads the version once, from its verified local copy (``stageflow.manifest``),
+    and runs its pipeline's ``predict_proba`` on ``inputs`` (the log's
+    ``input.<column>`` values of the labelled rows) in batches of
+    :data:`RESCORE_BATCH` rows: the answers' probabilities without logging them
+    with every request (see the module docstring).
 
     Raises:
         ValueError: the version is not a Stageflow classifier (no guarded pipeline),
             or its pipeline cannot score the logged rows (say why, in one line).
+        TamperedVersion: the version's files differ from its manifest.
     """
     import mlflow  # noqa: PLC0415 - the statistics stay importable without MLflow's cost
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
 
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{model}/{version}")
+    from stageflow import manifest  # noqa: PLC0415
+
+    # Not load_model("models:/…"): that loads files nobody verified, from a download
+    # into a temporary folder MLflow never removes (one per monitor run).
+    pyfunc = mlflow.pyfunc.load_model(str(manifest.local_copy(model, version, client, seal=False)))
     try:
         guarded = pyfunc.unwrap_python_model()
     except MlflowException:

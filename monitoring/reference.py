@@ -137,7 +137,7 @@ def load(client, model: str, version: str) -> dict:
             logger.info("%s has no stored reference (%s); using its test split", uri, exc)
         mv = client.get_model_version(model, version)
         try:
-            return from_test_split(client, mv.run_id, uri, tmp)
+            return from_test_split(client, model, version, mv.run_id, tmp)
         except (OSError, mlflow.exceptions.MlflowException) as exc:
             raise StageflowError(
                 f"{model} version {version} has no reference distributions and its run "
@@ -145,11 +145,12 @@ def load(client, model: str, version: str) -> dict:
             ) from None
 
 
-def from_test_split(client, run_id: str, model_uri: str, tmp: str) -> dict:
-    """A reference for a version logged before references: its test split and its answers."""
+def from_test_split(client, model: str, version: str, run_id: str, tmp: str) -> dict:
+    """A reference for a version logged before references: its test split and its answers
+    (from the version's verified local copy, as every load of a model is)."""
     import mlflow  # noqa: PLC0415
 
-    from stageflow import tracking  # noqa: PLC0415
+    from stageflow import manifest, tracking  # noqa: PLC0415
     from stageflow.catalog import TEST_SPLIT_ARTIFACT  # noqa: PLC0415
 
     run = client.get_run(run_id)
@@ -161,7 +162,8 @@ def from_test_split(client, run_id: str, model_uri: str, tmp: str) -> dict:
     )
     frame = pd.read_parquet(path)
     X = frame.drop(columns=[target], errors="ignore")
-    predictions = mlflow.pyfunc.load_model(model_uri).predict(X)
+    local = manifest.local_copy(model, version, client, seal=False)
+    predictions = mlflow.pyfunc.load_model(str(local)).predict(X)
     return build(
         X,
         predictions,

@@ -1,4 +1,5 @@
-"""A version's files are verified before every load: the gates, ``score`` and ``status``.
+"""A version's files are verified before every load: the gates, ``score``, ``status`` and
+the monitor's re-scoring.
 
 Files are changed the way anyone who can write artifacts could: through the tracking
 server's artifact API (``tests.helpers.overwrite_in_store``), never through the registry.
@@ -14,6 +15,7 @@ import pytest
 
 from experiments.data import load
 from experiments.train import train
+from monitoring.performance import rescore
 from registry import STAGING, promote, status
 from serving.batch import score
 from stageflow import manifest
@@ -116,6 +118,26 @@ def test_score_refuses_a_version_whose_pipeline_was_overwritten_in_the_store(tra
         score(name, rows, out, version=version)
 
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_monitor_s_rescoring_refuses_a_version_whose_code_file_changed_in_the_store(
+    trained, tmp_path
+):
+    client, name, version = trained
+    inputs = load("builtin:wine").drop(columns=["target"]).head(5).add_prefix("input.")
+    code = original(client, name, version, "guarded_model.py", tmp_path)
+    marker = tmp_path / "ran"
+
+    overwrite_in_store(
+        client, name, version, "guarded_model.py", code + INJECTED.format(marker=str(marker))
+    )
+
+    with pytest.raises(
+        manifest.TamperedVersion, match=r"file guarded_model\.py changed since registration"
+    ):
+        rescore(client, name, version, inputs)
+    assert not marker.exists()
 
 
 @pytest.mark.slow
