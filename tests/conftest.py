@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import uuid
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from stageflow import processes, server
+from stageflow import processes, server, tracking
 from tests.helpers import UNTIMED_LATENCY_YAML
 
 # Keep test output readable and --json output clean, as the CLI does.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files(tmp_path_factory):
+    """This process's temporary files go under pytest's base temporary folder, which
+    pytest prunes (it keeps the last three runs'): MLflow makes a folder in the
+    temporary directory for every ``models:/`` URI loaded without ``dst_path``, and
+    never removes it."""
+    folder = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +56,17 @@ def model_name(request):
     """A registered-model name no other test uses."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40]
     return f"{stem}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(autouse=True)
+def stageflow_home(tmp_path_factory, monkeypatch):
+    """Each test's own ``STAGEFLOW_HOME``: what goes to the default home (the gates' and
+    scoring's verified copies, serve's state) lands in pytest's temporary folders, not
+    in the checkout's ``./.stageflow``, and no test sees another's. (Not in
+    ``tmp_path``: tests check what is in there.)"""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv(tracking.HOME_ENV, str(home))
+    return home
 
 
 @pytest.fixture(autouse=True)
