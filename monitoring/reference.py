@@ -119,25 +119,29 @@ def write(reference: dict, folder: str | Path) -> Path:
 def load(client, model: str, version: str) -> dict:
     """The reference of ``model`` version ``version``: the model's own, else from its test split.
 
+    Both are read from the version's verified local copy (``stageflow.manifest``), as
+    every load of a model is: a reference changed in the store is refused, never used.
+
     Raises:
+        TamperedVersion: the version's files differ from its manifest.
         StageflowError: the version has neither a reference nor a test split.
     """
     import mlflow  # noqa: PLC0415 - keeps the statistics importable without MLflow's import cost
 
+    from stageflow import manifest  # noqa: PLC0415
     from stageflow.errors import StageflowError  # noqa: PLC0415
 
-    uri = f"models:/{model}/{version}"
+    local = manifest.local_copy(model, version, client, seal=False)
+    try:
+        return json.loads((local / "artifacts" / FILE_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        logger.info(
+            "%s v%s has no stored reference (%s); using its test split", model, version, exc
+        )
+    mv = client.get_model_version(model, version)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{uri}/artifacts/{FILE_NAME}", dst_path=tmp
-            )
-            return json.loads(Path(path).read_text())
-        except (OSError, ValueError, mlflow.exceptions.MlflowException) as exc:
-            logger.info("%s has no stored reference (%s); using its test split", uri, exc)
-        mv = client.get_model_version(model, version)
-        try:
-            return from_test_split(client, model, version, mv.run_id, tmp)
+            return from_test_split(client, mv.run_id, local, tmp)
         except (OSError, mlflow.exceptions.MlflowException) as exc:
             raise StageflowError(
                 f"{model} version {version} has no reference distributions and its run "
@@ -145,12 +149,12 @@ def load(client, model: str, version: str) -> dict:
             ) from None
 
 
-def from_test_split(client, model: str, version: str, run_id: str, tmp: str) -> dict:
-    """A reference for a version logged before references: its test split and its answers
-    (from the version's verified local copy, as every load of a model is)."""
+def from_test_split(client, run_id: str, model_dir: Path, tmp: str) -> dict:
+    """A reference for a version logged before references: its test split and the
+    answers of the model in ``model_dir`` (its verified local copy)."""
     import mlflow  # noqa: PLC0415
 
-    from stageflow import manifest, tracking  # noqa: PLC0415
+    from stageflow import tracking  # noqa: PLC0415
     from stageflow.catalog import TEST_SPLIT_ARTIFACT  # noqa: PLC0415
 
     run = client.get_run(run_id)
@@ -162,8 +166,7 @@ def from_test_split(client, model: str, version: str, run_id: str, tmp: str) -> 
     )
     frame = pd.read_parquet(path)
     X = frame.drop(columns=[target], errors="ignore")
-    local = manifest.local_copy(model, version, client, seal=False)
-    predictions = mlflow.pyfunc.load_model(str(local)).predict(X)
+    predictions = mlflow.pyfunc.load_model(str(model_dir)).predict(X)
     return build(
         X,
         predictions,

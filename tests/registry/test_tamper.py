@@ -1,5 +1,5 @@
 """A version's files are verified before every load: the gates, ``score``, ``status`` and
-the monitor's re-scoring.
+the monitor's reference and re-scoring.
 
 Files are changed the way anyone who can write artifacts could: through the tracking
 server's artifact API (``tests.helpers.overwrite_in_store``), never through the registry.
@@ -15,6 +15,7 @@ import pytest
 
 from experiments.data import load
 from experiments.train import train
+from monitoring import reference
 from monitoring.performance import rescore
 from registry import STAGING, promote, status
 from serving.batch import score
@@ -138,6 +139,17 @@ def test_the_monitor_s_rescoring_refuses_a_version_whose_code_file_changed_in_th
     ):
         rescore(client, name, version, inputs)
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_the_monitor_refuses_a_reference_changed_in_the_store(trained):
+    client, name, version = trained
+    overwrite_in_store(client, name, version, "artifacts/reference.json", "{}")
+
+    with pytest.raises(
+        manifest.TamperedVersion, match=r"file artifacts/reference\.json changed since registration"
+    ):
+        reference.load(client, name, version)
 
 
 @pytest.mark.slow
